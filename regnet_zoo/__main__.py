@@ -1,0 +1,3 @@
+from regnet_zoo.cli import main
+
+raise SystemExit(main())

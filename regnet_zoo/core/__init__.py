@@ -1,0 +1,1 @@
+"""regnet_zoo.core"""
