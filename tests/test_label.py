@@ -1,0 +1,372 @@
+"""MONAI Label deployment (regnet_zoo.label): the app in-process (FastAPI test client) and the real server.
+
+References are independent of the app: nibabel / SimpleITK headers of the fixed image for the output
+geometry, ``sitk.Resample`` with the returned ITK displacement field for the warped image and label.
+Data: real OASIS 2D slices (re-written with non-trivial affines) and the tiny 3D MR volume (``shared_data``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+pytest.importorskip("monailabel")
+
+from regnet_zoo.label.config import LabelAppConfig, available_methods, parse_models, parse_weights  # noqa: E402
+
+MODELS = available_methods()
+pytestmark = pytest.mark.skipif("ddrnet" not in MODELS, reason="the ddrnet bundle is not packaged yet")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def _affine_2d(spacing: float, origin: tuple[float, float], angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    affine = np.eye(4)
+    affine[:2, :2] = np.array([[c, -s], [s, c]]) * spacing
+    affine[:2, 3] = origin
+    return affine
+
+
+def _write_inputs(shared_data: Path, folder: Path) -> dict[str, Path]:
+    """Three real 2D slices with different geometries (rotation, spacing, origin), a label map of the
+    moving one (intensity classes) and a real 3D volume, as NIfTI files in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    slices = shared_data / "oasis2d" / "slices"
+    arrays = [
+        sitk.GetArrayFromImage(sitk.ReadImage(str(slices / f"oasis2d_{i:04d}.nrrd"))).T for i in range(3)
+    ]
+    geometry = {
+        "fixed": (1.5, (-90.0, -100.0), 0.1),
+        "moving": (1.2, (-70.0, -80.0), -0.05),
+        "other": (1.0, (0, 0), 0),
+    }
+    out = {}
+    for (name, (spacing, origin, angle)), array in zip(geometry.items(), arrays, strict=True):
+        out[name] = folder / f"{name}.nii.gz"
+        nib.save(
+            nib.Nifti1Image(array.astype(np.float32), _affine_2d(spacing, origin, angle)), str(out[name])
+        )
+    moving = arrays[1].astype(np.float32)
+    label = np.digitize(moving, [np.quantile(moving, 0.5), np.quantile(moving, 0.8)]).astype(np.int16)
+    out["moving_label"] = folder / "moving_label.nii.gz"
+    nib.save(nib.Nifti1Image(label, _affine_2d(*geometry["moving"])), str(out["moving_label"]))
+    out["volume"] = folder / "volume.nii"
+    shutil.copy(shared_data / "tiny_mr_pair" / "anatomical.nii", out["volume"])
+    return out
+
+
+def _init_weights(name: str, path: Path) -> Path:
+    """Freshly initialised 2D weights of bundle ``name`` (serving plumbing only; DDR-Net gets trained)."""
+    from regnet_zoo.bundle import load_bundle_network
+
+    network = load_bundle_network(name, load_weights=False, spatial_dims=2)
+    torch.save(network.state_dict(), path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ app
+class LabelEnv:
+    """The app served in-process on a temporary datastore; MONAI Label settings restored afterwards."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.inputs: dict[str, Path] = {}
+        self.client = None
+        self.trained: Path | None = None  # DDR-Net weights from the app's training task
+        self.ddrnet_weights = root / "weights" / "ddrnet.pt"  # served from here (absent until trained)
+        self._saved_settings: dict = {}
+        self.base_environ: dict = {}
+
+    def start(self, shared_data: Path) -> None:
+        if self.client is not None:
+            return
+        from monailabel.config import settings
+
+        self._saved_settings = settings.model_dump()
+        self.base_environ = dict(os.environ)
+        self.inputs = _write_inputs(shared_data, self.root / "inputs")
+        (self.root / "weights").mkdir()
+        weights = {m: _init_weights(m, self.root / "weights" / f"{m}.pt") for m in MODELS if m != "ddrnet"}
+        weights["ddrnet"] = self.ddrnet_weights
+        config = LabelAppConfig(
+            studies=self.root / "studies", models=MODELS, weights=weights, work_dir=self.root / "work"
+        )
+        config.studies.mkdir()
+        from regnet_zoo.label.serve import configure_monailabel
+
+        configure_monailabel(config, port=8000)
+        settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD = False  # no file-watcher threads in the test process
+        from fastapi.testclient import TestClient
+        from monailabel.app import app
+        from monailabel.interfaces.utils.app import clear_cache
+
+        clear_cache()
+        self.client = TestClient(app, raise_server_exceptions=False)
+
+    def stop(self) -> None:
+        if self.client is None:
+            return
+        from monailabel.config import settings
+        from monailabel.interfaces.utils.app import clear_cache
+
+        clear_cache()
+        for key, value in self._saved_settings.items():
+            setattr(settings, key, value)
+        os.environ.clear()
+        os.environ.update(self.base_environ)
+
+    def upload(self, image_id: str, path: Path) -> None:
+        with open(path, "rb") as f:
+            r = self.client.put(f"/datastore/image?image={image_id}", files={"file": (path.name, f)})
+        assert r.status_code == 200, r.text
+
+    def infer(self, model: str, fixed: str, params: dict, output: str = "image"):
+        return self.client.post(
+            f"/infer/{model}?image={fixed}&output={output}", data={"params": json.dumps(params)}
+        )
+
+    def train_ddrnet(self) -> Path:
+        """Train DDR-Net for one epoch with the app's training task (on the uploaded 2D images)."""
+        if self.trained is None:
+            r = self.client.post("/train/ddrnet?run_sync=true", json={"epochs": 1})
+            assert r.status_code == 200, r.text
+            self.trained = Path(r.json()["weights"])
+            assert r.json()["spatial_dims"] == 2 and r.json()["images"] == 3
+        if not self.ddrnet_weights.is_file():
+            shutil.copy(self.trained, self.ddrnet_weights)
+        return self.ddrnet_weights
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    state = LabelEnv(tmp_path_factory.mktemp("label"))
+    yield state
+    state.stop()
+
+
+@pytest.fixture
+def app_env(env, shared_data) -> LabelEnv:
+    env.start(shared_data)
+    if "fixed" not in env.client.get("/datastore/?output=all").json().get("objects", {}):
+        for image_id in ("fixed", "moving", "other", "volume"):
+            env.upload(image_id, env.inputs[image_id])
+        with open(env.inputs["moving_label"], "rb") as f:
+            r = env.client.put(
+                "/datastore/label?image=moving&tag=final", files={"label": ("moving.nii.gz", f)}
+            )
+        assert r.status_code == 200, r.text
+    return env
+
+
+def _save_response(response, path: Path) -> Path:
+    assert response.status_code == 200, response.text
+    path.write_bytes(response.content)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ tests
+def test_config_parsing(tmp_path):
+    assert parse_models("all") == MODELS == parse_models(None)
+    assert parse_models("ddrnet,ddrnet") == ["ddrnet"]
+    with pytest.raises(ValueError, match="unknown model"):
+        parse_models("ddrnet,voxelmorph")
+    assert parse_weights(f"ddrnet={tmp_path / 'a.pt'}") == {"ddrnet": tmp_path / "a.pt"}
+    with pytest.raises(ValueError, match="name=path"):
+        parse_weights("ddrnet")
+    config = LabelAppConfig(studies=tmp_path, models=["ddrnet"])
+    assert config.work_dir == tmp_path / ".regnet_zoo"
+    assert LabelAppConfig.from_conf(tmp_path, config.to_conf()) == config
+    # trained-by-the-app weights are used when present and no weights file is given
+    assert config.weights_of("ddrnet") != config.trained_weights("ddrnet")
+    config.trained_weights("ddrnet").parent.mkdir(parents=True)
+    config.trained_weights("ddrnet").write_bytes(b"")
+    assert config.weights_of("ddrnet") == config.trained_weights("ddrnet")
+
+
+def test_serve_rejects_bad_options(tmp_path, capsys):
+    import argparse
+
+    from regnet_zoo.label.serve import add_serve_parser, serve
+
+    parser = argparse.ArgumentParser()
+    add_serve_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--studies", str(tmp_path), "--models", "ddrnet", "--port", "9"])
+    assert (args.host, args.port, args.models, args.func.__name__) == ("127.0.0.1", 9, "ddrnet", "serve_main")
+    assert serve(tmp_path, models="nosuchmodel") == 2
+    assert serve(tmp_path, weights=[f"ddrnet={tmp_path / 'missing.pt'}"]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_untrained_model_is_409_then_training_task_trains(app_env):
+    info = app_env.client.get("/info/").json()
+    assert set(info["models"]) == set(MODELS) and set(info["trainers"]) == set(MODELS)
+    assert info["models"]["ddrnet"]["trained"] is False
+    r = app_env.infer("ddrnet", "fixed", {"moving": "moving"})
+    assert r.status_code == 409 and "no trained weights" in r.json()["detail"]
+    weights = app_env.train_ddrnet()
+    assert app_env.trained.is_file() and app_env.trained.is_relative_to(app_env.root / "work")
+    assert app_env.client.get("/info/").json()["models"]["ddrnet"]["weights"] == str(weights)
+
+
+def test_every_model_outputs_on_the_fixed_grid(app_env, tmp_path):
+    app_env.train_ddrnet()
+    fixed_nib = nib.load(str(app_env.inputs["fixed"]))
+    fixed_itk = sitk.ReadImage(str(app_env.inputs["fixed"]))
+    for model in MODELS:
+        out = _save_response(
+            app_env.infer(model, "fixed", {"moving": "moving"}), tmp_path / f"{model}.nii.gz"
+        )
+        warped = nib.load(str(out))
+        assert warped.shape == fixed_nib.shape, model
+        np.testing.assert_allclose(warped.affine, fixed_nib.affine, atol=1e-5, err_msg=model)
+
+    # DDR-Net: warped image, displacement field and warped label, checked against SimpleITK resampling;
+    # test-time optimisation (deterministic) makes the one-epoch model's field large enough to matter
+    params = {"moving": "moving", "instance_opt": 20}
+    warped_path = _save_response(app_env.infer("ddrnet", "fixed", params), tmp_path / "warped.nii.gz")
+    r = app_env.infer("ddrnet", "fixed", {**params, "result": "ddf"})
+    ddf = sitk.ReadImage(str(_save_response(r, tmp_path / "ddf.mha")))
+    assert ddf.GetSize() == fixed_itk.GetSize() and ddf.GetNumberOfComponentsPerPixel() == 2
+    np.testing.assert_allclose(ddf.GetOrigin(), fixed_itk.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(ddf.GetSpacing(), fixed_itk.GetSpacing(), atol=1e-5)
+    np.testing.assert_allclose(ddf.GetDirection(), fixed_itk.GetDirection(), atol=1e-5)
+    assert 1.0 < np.abs(sitk.GetArrayFromImage(ddf)).max() < 50  # mm: a real, plausible field
+
+    transform = sitk.DisplacementFieldTransform(sitk.Cast(ddf, sitk.sitkVectorFloat64))
+    moving_itk = sitk.ReadImage(str(app_env.inputs["moving"]), sitk.sitkFloat64)
+    reference = sitk.GetArrayFromImage(sitk.Resample(moving_itk, fixed_itk, transform, sitk.sitkLinear, 0.0))
+    warped = sitk.GetArrayFromImage(sitk.ReadImage(str(warped_path), sitk.sitkFloat64))
+    assert np.abs(warped - reference).max() < 1e-4 * np.abs(reference).max()
+
+    r = app_env.infer("ddrnet", "fixed", {**params, "result": "warped_label"})
+    label = nib.load(str(_save_response(r, tmp_path / "label.nii.gz")))
+    assert label.shape == fixed_nib.shape
+    np.testing.assert_allclose(label.affine, fixed_nib.affine, atol=1e-5)
+    moving_label = sitk.ReadImage(str(app_env.inputs["moving_label"]))
+    reference = sitk.GetArrayFromImage(
+        sitk.Resample(moving_label, fixed_itk, transform, sitk.sitkNearestNeighbor)
+    )
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "label.nii.gz")))
+    assert set(np.unique(ours)) <= {0, 1, 2} and len(np.unique(ours)) == 3
+    assert (ours == reference).mean() > 0.99  # nearest-neighbour ties may round differently
+
+    r = app_env.infer("ddrnet", "fixed", params, output="json")  # the result's JSON only (strict JSON)
+    assert r.status_code == 200, r.text
+    reply = r.json()
+    assert (reply["model"], reply["moving"], reply["instance_opt"]) == ("ddrnet", "moving", 20)
+    assert reply["shape"] == list(fixed_nib.shape) and reply["metrics"]["runtime_s"] > 0
+
+
+def test_bad_requests_are_4xx_and_the_app_keeps_serving(app_env):
+    app_env.train_ddrnet()
+    bad = {
+        400: [
+            {},
+            {"moving": "moving", "result": "jacobian"},
+            {"moving": "moving", "instance_opt": -1},
+            {"moving": "moving", "device": "nosuchdevice"},
+        ],
+        404: [{"moving": "nosuchimage"}, {"moving": "other", "result": "warped_label"}],
+        422: [{"moving": "volume"}],  # 3D moving, 2D fixed
+    }
+    for status, requests in bad.items():
+        for params in requests:
+            r = app_env.infer("ddrnet", "fixed", params)
+            assert r.status_code == status, (params, r.status_code, r.text)
+            assert r.json()["detail"], params
+    assert app_env.infer("ddrnet", "volume", {"moving": "fixed"}).status_code == 422
+    assert app_env.infer("ddrnet", "nosuchimage", {"moving": "moving"}).status_code == 404
+    assert app_env.infer("ddrnet", "fixed", {"moving": "moving"}).status_code == 200
+    # the datastore holds a single 3D image: nothing to train on
+    r = app_env.client.post("/train/ddrnet?run_sync=true", json={"spatial_dims": 3})
+    assert r.status_code == 422 and "at least two 3D images" in r.json()["detail"], r.text
+    assert app_env.client.get("/info/").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------ server
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_real_server_over_http(app_env, tmp_path):
+    import requests
+    from monailabel.client import MONAILabelClient
+
+    weights = app_env.train_ddrnet()
+    port = _free_port()
+    studies, log = tmp_path / "studies", tmp_path / "server.log"
+    command = [
+        sys.executable, "-m", "regnet_zoo.label.serve", "--studies", str(studies), "--port", str(port),
+        "--models", "ddrnet", "--weights", f"ddrnet={weights}", "--log-level", "warning",
+    ]  # fmt: skip
+    environ = {**app_env.base_environ, "OMP_NUM_THREADS": "1"}  # without the in-process app's settings
+    with open(log, "wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environ)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 150
+        while True:
+            assert process.poll() is None, f"server exited: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server did not answer: {log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        info = requests.get(f"{url}/info/", timeout=10).json()
+        assert list(info["models"]) == ["ddrnet"] and info["models"]["ddrnet"]["trained"] is True
+
+        client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        (tmp_path / "client").mkdir()
+        for image_id in ("fixed", "moving"):
+            client.upload_image(str(app_env.inputs[image_id]), image_id)
+
+        def register_once() -> Path:
+            result, params = client.infer("ddrnet", "fixed", {"moving": "moving"})
+            assert params["model"] == "ddrnet" and params["result"] == "warped"
+            out = nib.load(str(result))
+            fixed = nib.load(str(app_env.inputs["fixed"]))
+            assert out.shape == fixed.shape
+            np.testing.assert_allclose(out.affine, fixed.affine, atol=1e-5)
+            return Path(result)
+
+        first = register_once()
+        r = requests.post(
+            f"{url}/infer/ddrnet?image=fixed",
+            data={"params": json.dumps({"moving": "nosuchimage"})},
+            timeout=60,
+        )
+        assert r.status_code == 404 and "nosuchimage" in r.json()["detail"]
+        second = register_once()
+        np.testing.assert_allclose(
+            np.asarray(nib.load(str(first)).dataobj), np.asarray(nib.load(str(second)).dataobj)
+        )
+    finally:
+        _stop(process)
+    assert process.returncode is not None
