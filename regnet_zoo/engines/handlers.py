@@ -1,0 +1,301 @@
+"""Ignite handlers for registration evaluators: per-pair NIfTI outputs and per-pair / aggregated metrics JSON.
+
+Attach them to a :class:`~regnet_zoo.engines.workflows.RegistrationEvaluator` (``val_handlers`` in a bundle
+config). Files written per pair ``<name>`` (``name`` from :func:`pair_names`), all NIfTI with the fixed
+image's affine (Learn2Reg convention: fixed grid, voxel units, vector last on disk):
+
+``<name>_warped.nii.gz``, ``<name>_warped_label.nii.gz`` (nearest neighbour, when the pair has labels),
+``<name>_ddf.nii.gz`` (``(*S, N)``; 2D as ``(H, W, 1, 2)``), ``<name>_jacdet.nii.gz``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+
+from regnet_zoo.core.metrics import jacobian_determinant
+from regnet_zoo.core.spatial import warp_labels
+from regnet_zoo.engines.metrics import aggregate_metrics
+
+__all__ = [
+    "pair_names",
+    "fixed_affines",
+    "spacings_of",
+    "PairOutputWriter",
+    "MetricsSaver",
+    "format_metrics_table",
+    "TrainingCheckpoint",
+    "latest_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+_SUFFIXES = re.compile(r"(\.nii\.gz|\.nii|\.nrrd|\.mha|\.mhd|\.npz|\.npy|\.png|\.jpg|\.gz)$", re.IGNORECASE)
+
+
+def _stem(path: Any) -> str:
+    return _SUFFIXES.sub("", Path(str(path)).name)
+
+
+def _meta_list(value: Any, key: str, batch_size: int) -> list | None:
+    """``value.meta[key]`` of a collated ``MetaTensor`` as a list of ``batch_size`` entries (or None)."""
+    if not isinstance(value, MetaTensor) or key not in value.meta:
+        return None
+    entries = value.meta[key]
+    if isinstance(entries, (str, Path)):
+        entries = [entries] * batch_size
+    entries = list(entries)
+    return entries if len(entries) == batch_size else None
+
+
+def pair_names(batchdata: Mapping[str, Any], batch_size: int, start: int = 0) -> list[str]:
+    """Names of the pairs of a batch: ``batchdata["pair_name"]`` if present, else ``<fixed>_<moving>``
+    file stems (``filename_or_obj`` metadata), else ``pair_<index>`` counting from ``start``."""
+    if "pair_name" in batchdata:
+        names = batchdata["pair_name"]
+        return [str(n) for n in ([names] if isinstance(names, str) else names)]
+    fixed = _meta_list(batchdata.get("fixed"), "filename_or_obj", batch_size)
+    moving = _meta_list(batchdata.get("moving"), "filename_or_obj", batch_size)
+    if fixed and moving and all(fixed) and all(moving):
+        return [f"{_stem(f)}_{_stem(m)}" for f, m in zip(fixed, moving, strict=True)]
+    return [f"pair_{start + i:04d}" for i in range(batch_size)]
+
+
+def fixed_affines(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: int) -> list[np.ndarray]:
+    """The fixed image's affine of every pair (``MetaTensor.affine``; identity when absent)."""
+    fixed = batchdata.get("fixed")
+    if isinstance(fixed, MetaTensor):
+        affine = fixed.affine.detach().cpu().numpy()
+        affine = np.broadcast_to(affine, (batch_size, *affine.shape[-2:])) if affine.ndim == 2 else affine
+        return [np.asarray(a, dtype=np.float64) for a in affine]
+    return [np.eye(spatial_dims + 1) for _ in range(batch_size)]
+
+
+def _spacing_of(affine: np.ndarray, spatial_dims: int) -> list[float]:
+    # a 2D image may carry a 4x4 (NIfTI) affine: its first two columns belong to the array axes
+    return [float(v) for v in np.linalg.norm(affine[:spatial_dims, :spatial_dims], axis=0)]
+
+
+class PairOutputWriter:
+    """Write the warped image, warped label, DDF and Jacobian determinant of every pair as NIfTI.
+
+    Args:
+        output_dir: folder (created); files ``<name>_{warped,warped_label,ddf,jacdet}.nii.gz``.
+        overwrite: replace existing outputs (input files are never overwritten: ``data.io.save_image``).
+        write_jacobian: also write the Jacobian determinant.
+    """
+
+    def __init__(self, output_dir: str | Path, overwrite: bool = True, write_jacobian: bool = True) -> None:
+        self.output_dir = Path(output_dir)
+        self.overwrite = overwrite
+        self.write_jacobian = write_jacobian
+        self.written: list[Path] = []
+        self._count = 0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _reset(self, engine: Engine) -> None:
+        self.written, self._count = [], 0
+
+    def __call__(self, engine: Engine) -> None:
+        from regnet_zoo.data.io import (
+            save_image,
+        )  # late: keeps the engines importable without the data package
+
+        outputs, batchdata = engine.state.output["pred"], engine.state.batch
+        ddf = outputs["ddf"].detach().float().cpu()
+        warped = outputs["warped"].detach().float().cpu()
+        batch_size, spatial_dims = ddf.shape[0], ddf.ndim - 2
+        names = pair_names(batchdata, batch_size, self._count)
+        affines = fixed_affines(batchdata, batch_size, spatial_dims)
+        moving_label = batchdata.get("moving_label")
+        protect = [
+            p
+            for key in ("fixed", "moving")
+            for p in (_meta_list(batchdata.get(key), "filename_or_obj", batch_size) or [])
+        ]
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        for i, (name, affine) in enumerate(zip(names, affines, strict=True)):
+            files = {"warped": warped[i], "ddf": ddf[i]}
+            if isinstance(moving_label, torch.Tensor):
+                label = torch.as_tensor(moving_label[i : i + 1]).cpu()
+                files["warped_label"] = warp_labels(label, ddf[i : i + 1], method="nearest")[0].to(
+                    torch.int32
+                )
+            if self.write_jacobian:
+                files["jacdet"] = jacobian_determinant(ddf[i : i + 1])[0][None].float()
+            for suffix, data in files.items():
+                path = self.output_dir / f"{name}_{suffix}.nii.gz"
+                save_image(data, path, affine=affine, overwrite=self.overwrite, protect=protect)
+                self.written.append(path)
+        self._count += batch_size
+
+
+def _json_ready(value: Any) -> Any:
+    """Metrics as strict JSON: dict keys as strings, NaN/inf as None, numpy scalars as floats."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+class MetricsSaver:
+    """Collect per-pair metrics of an evaluation run, write them as JSON and log a summary table.
+
+    Writes ``<output_dir>/<name>.json`` per pair and ``<output_dir>/<summary_name>`` with
+    ``{"pairs": {name: metrics}, "aggregate": aggregate_metrics(...)}`` (no files when ``output_dir`` is
+    None). NaN (e.g. a label absent from one image) is written as ``null``. ``self.per_pair`` and
+    ``self.summary`` keep the last run's results.
+    """
+
+    def __init__(
+        self, output_dir: str | Path | None, summary_name: str = "metrics.json", print_table: bool = True
+    ) -> None:
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.summary_name = summary_name
+        self.print_table = print_table
+        self.per_pair: dict[str, dict] = {}
+        self.summary: dict[str, Any] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self.per_pair, self.summary = {}, {}
+
+    def _collect(self, engine: Engine) -> None:
+        metrics = engine.state.output["metrics"]
+        names = pair_names(engine.state.batch, len(metrics), len(self.per_pair))
+        for name, m in zip(names, metrics, strict=True):
+            self.per_pair[name] = m
+
+    def _write(self, engine: Engine) -> None:
+        self.summary = aggregate_metrics(list(self.per_pair.values()))
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for name, m in self.per_pair.items():
+                (self.output_dir / f"{name}.json").write_text(json.dumps(_json_ready(m), indent=2))
+            report = {"pairs": self.per_pair, "aggregate": self.summary}
+            (self.output_dir / self.summary_name).write_text(json.dumps(_json_ready(report), indent=2))
+        if self.print_table:
+            print(format_metrics_table(self.per_pair, self.summary))
+
+
+def format_metrics_table(per_pair: Mapping[str, Mapping[str, Any]], summary: Mapping[str, Any]) -> str:
+    """A plain-text table: one row per pair and a final mean row, for the scalar metrics."""
+    columns = [
+        c
+        for c in (
+            "dice_mean_initial",
+            "dice_mean",
+            "hd95_mm",
+            "tre_mm",
+            "mse_initial",
+            "mse",
+            "sdlogj",
+            "folding_percent",
+        )
+        if c in summary
+    ]
+    width = max([len(n) for n in per_pair] + [4])
+    lines = [f"{'pair':<{width}}  " + "  ".join(f"{c:>17}" for c in columns)]
+    for name, m in per_pair.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{float(m.get(c, math.nan)):>17.4f}" for c in columns))
+    lines.append(f"{'mean':<{width}}  " + "  ".join(f"{summary[c]['mean']:>17.4f}" for c in columns))
+    return "\n".join(lines)
+
+
+def spacings_of(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: int) -> Sequence[list[float]]:
+    """Voxel size (mm) per pair from the fixed image's affine."""
+    return [_spacing_of(a, spatial_dims) for a in fixed_affines(batchdata, batch_size, spatial_dims)]
+
+
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The checkpoint with the highest epoch/iteration number in ``folder`` (``*=N.pt``), or None."""
+    numbered = []
+    for path in Path(folder).glob("*.pt"):
+        match = re.search(r"=(\d+)\.pt$", path.name)
+        if match:
+            numbered.append((int(match.group(1)), path))
+    return max(numbered)[1] if numbered else None
+
+
+class TrainingCheckpoint:
+    """Resumable training checkpoints: network, optimizer and trainer state (epoch, iteration).
+
+    Saves ``<save_dir>/checkpoint_epoch=N.pt`` every ``interval`` epochs (keeping ``n_saved``) and, when
+    ``resume_from`` is a checkpoint file or ``"latest"`` (the newest in ``save_dir``, if any), restores all of
+    it before training starts, so that the run continues from the saved epoch. ``save=False`` only resumes
+    (e.g. on the non-main processes of a distributed run). Attaching to the trainer itself
+    (rather than listing it in a config's ``save_dict``) avoids a circular reference in bundle configs.
+    """
+
+    def __init__(
+        self,
+        save_dir: str | Path,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        interval: int = 1,
+        n_saved: int = 1,
+        resume_from: str | Path | None = None,
+        lr_scheduler: Any = None,
+        save: bool = True,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.save = save
+        self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
+        self.interval, self.n_saved = interval, n_saved
+        self.resume_from = resume_from
+
+    def _objects(self, engine: Engine) -> dict[str, Any]:
+        objects = {"model": self.network, "optimizer": self.optimizer, "trainer": engine}
+        if self.lr_scheduler is not None:
+            objects["lr_scheduler"] = self.lr_scheduler
+        return objects
+
+    def resume_path(self) -> Path | None:
+        """The checkpoint that will be restored (None: start from scratch)."""
+        if self.resume_from in (None, "", False):
+            return None
+        if str(self.resume_from) == "latest":
+            return latest_checkpoint(self.save_dir)
+        path = Path(self.resume_from)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint to resume from not found: {path}")
+        return path
+
+    def attach(self, engine: Engine) -> None:
+        from monai.handlers import CheckpointLoader, CheckpointSaver
+
+        objects = self._objects(engine)
+        path = self.resume_path()
+        if path is not None:
+            logger.info(f"resuming training from {path}")
+            CheckpointLoader(load_path=str(path), load_dict=objects, map_location="cpu").attach(engine)
+        if self.save and self.interval > 0:
+            CheckpointSaver(
+                save_dir=str(self.save_dir),
+                save_dict=objects,
+                save_interval=self.interval,
+                epoch_level=True,
+                n_saved=self.n_saved,
+            ).attach(engine)

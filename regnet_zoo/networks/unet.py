@@ -1,0 +1,99 @@
+"""A small configurable registration U-Net (VoxelMorph-style), 2D or 3D, for any input size.
+
+The encoder halves the resolution ``len(encoder_channels)`` times with stride-2 convolutions; the decoder
+upsamples back with skip connections and ends with ``extra_channels`` full-resolution convolutions. Inputs
+whose size is not a multiple of ``2**len(encoder_channels)`` are zero-padded internally and the output is
+cropped back, so the output always has the input's spatial size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    """3x3(x3) convolution + LeakyReLU(0.2), the VoxelMorph building block."""
+    conv = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
+    return nn.Sequential(conv(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[slice]]:
+    """Zero-pad the spatial axes of ``x`` (B, C, *S) at their end to a multiple of ``multiple``.
+
+    Returns the padded tensor and the slices (one per spatial axis) that crop it back.
+    """
+    size = x.shape[2:]
+    pads = [(-s) % multiple for s in size]
+    crop = [slice(0, s) for s in size]
+    if any(pads):
+        # F.pad takes (last axis first) pairs
+        x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
+    return x, crop
+
+
+class RegistrationUNet(nn.Module):
+    """U-Net feature extractor for registration.
+
+    ``forward(x)``: x (B, in_channels, *S) -> (B, out_channels, *S), where ``out_channels`` is the last entry
+    of ``extra_channels`` (or of ``decoder_channels`` when there are none).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels (2 for a stacked fixed/moving pair of single-channel images).
+        encoder_channels: channels of each stride-2 encoder level (its length = number of downsamplings).
+        decoder_channels: channels of each decoder level, finest last; same length as ``encoder_channels``.
+        extra_channels: channels of the extra full-resolution convolutions after the decoder.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int = 2,
+        encoder_channels: Sequence[int] = (16, 32, 32, 32),
+        decoder_channels: Sequence[int] = (32, 32, 32, 32),
+        extra_channels: Sequence[int] = (16, 16),
+    ) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if len(decoder_channels) != len(encoder_channels):
+            raise ValueError("decoder_channels must have one entry per encoder level")
+        self.spatial_dims = spatial_dims
+        self.levels = len(encoder_channels)
+        self.encoder = nn.ModuleList()
+        skips = [in_channels]  # channels available at each resolution, finest first
+        channels = in_channels
+        for out in encoder_channels:
+            self.encoder.append(conv_block(spatial_dims, channels, out, stride=2))
+            channels = out
+            skips.append(out)
+        # decoder level i works at the resolution of encoder level (levels - 1 - i) and adds that skip
+        self.decoder = nn.ModuleList()
+        for i, out in enumerate(decoder_channels):
+            self.decoder.append(conv_block(spatial_dims, channels, out))
+            channels = out + skips[self.levels - 1 - i]
+        self.extra = nn.ModuleList()
+        for out in extra_channels:
+            self.extra.append(conv_block(spatial_dims, channels, out))
+            channels = out
+        self.out_channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, crop = pad_to_multiple(x, 2**self.levels)
+        features = [x]
+        for block in self.encoder:
+            features.append(block(features[-1]))
+        y = features[-1]
+        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
+        for i, block in enumerate(self.decoder):
+            y = block(y)
+            skip = features[self.levels - 1 - i]
+            y = F.interpolate(y, size=skip.shape[2:], mode=mode, align_corners=False)
+            y = torch.cat([y, skip], dim=1)
+        for block in self.extra:
+            y = block(y)
+        return y[(slice(None), slice(None), *crop)]
