@@ -1,0 +1,186 @@
+"""B-spline U-Net: Hering et al. 2019, Table 1 idea -- held-out Dice and folding as a loss weight varies.
+
+Data: axial slices (array axis 1) of the two OASIS subjects in ``<data-dir>/oasis3d_pair`` (FreeSurfer
+labels), both directions, area-downsampled by ``--factor``. Training pairs are every ``--slice-step``-th slice
+in ``--slices``; the held-out pairs are slices halfway between them (never trained on). For each multiplier
+the chosen weight (``beta`` = label, ``alpha`` = curvature or ``delta`` = NGF) is scaled from the paper's
+value (delta = 1, alpha = 1e3, beta = 5e4) with the others fixed, a fresh network is trained with Adam,
+and the held-out pairs are registered with the finest field: mean Dice over labels (nearest-neighbour warped
+labels, ``core.metrics.dice_per_label``) and folding % (``det(grad y) <= 0``).
+
+    python benchmarks/bspline_unet_bench.py --out benchmarks/results/bspline_unet.json
+    python benchmarks/bspline_unet_bench.py --vary alpha --multipliers 0 0.1 1 10 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from regnet_zoo.core.metrics import dice_per_label, folding_fraction, jacobian_determinant
+from regnet_zoo.core.spatial import warp_labels
+from regnet_zoo.networks.bspline_unet import BSplineUNet, BSplineUNetLoss
+
+PAPER_WEIGHTS = {"delta": 1.0, "alpha": 1e3, "beta": 5e4}
+LOSS_ARG = {"delta": "ngf_weight", "alpha": "curvature_weight", "beta": "label_weight"}
+KEYS = ("fixed", "moving", "fixed_label", "moving_label")
+
+
+def oasis_slice_pairs(data_dir: Path, slices, factor: int) -> dict[str, torch.Tensor]:
+    """Both-direction pairs of axial slices ``slices``: images ``(P, 1, H, W)`` and integer label maps."""
+    folder = data_dir / "oasis3d_pair"
+    images = [
+        nib.load(folder / f"imagesTr/OASIS_000{i}_0000.nii.gz").get_fdata(dtype=np.float32) for i in (1, 2)
+    ]
+    labels = [np.asarray(nib.load(folder / f"labelsTr/OASIS_000{i}_0000.nii.gz").dataobj) for i in (1, 2)]
+
+    def cut(volume: np.ndarray, k: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(volume[:, k]))[None, None]
+
+    out: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS}
+    for k in slices:
+        for a, b in ((0, 1), (1, 0)):
+            out["fixed"].append(F.avg_pool2d(cut(images[a], k), factor))
+            out["moving"].append(F.avg_pool2d(cut(images[b], k), factor))
+            out["fixed_label"].append(cut(labels[a], k)[..., ::factor, ::factor].long())
+            out["moving_label"].append(cut(labels[b], k)[..., ::factor, ::factor].long())
+    return {key: torch.cat(value) for key, value in out.items()}
+
+
+def mean_dice_per_pair(fixed_label: torch.Tensor, warped_label: torch.Tensor, moving_label: torch.Tensor):
+    return [
+        float(np.nanmean(list(dice_per_label(f[0], w[0], moving_label=m[0]).values())))
+        for f, w, m in zip(fixed_label.cpu(), warped_label.cpu(), moving_label.cpu(), strict=True)
+    ]
+
+
+def train_and_evaluate(train, test, weights: dict[str, float], args, device: torch.device) -> dict:
+    torch.manual_seed(args.seed)
+    net = BSplineUNet(2, control_spacing=args.control_spacing).to(device)
+    loss_weights = {LOSS_ARG[name]: value for name, value in weights.items()}
+    loss_fn = BSplineUNetLoss(voxel_size=args.voxel_size, **loss_weights)
+    optimiser = torch.optim.Adam(net.parameters(), lr=args.lr)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        idx = torch.randperm(len(train["fixed"]), generator=generator)[: args.batch_size]
+        batch = {key: train[key][idx].to(device) for key in KEYS}
+        terms = loss_fn(net(batch["fixed"], batch["moving"]), batch)
+        optimiser.zero_grad()
+        terms["loss"].backward()
+        optimiser.step()
+    train_seconds = time.perf_counter() - start
+    net.eval()
+    dice, folding = [], []
+    with torch.no_grad():
+        for i in range(0, len(test["fixed"]), 16):
+            part = {key: test[key][i : i + 16].to(device) for key in KEYS}
+            ddf = net(part["fixed"], part["moving"])["ddf"]
+            warped = warp_labels(part["moving_label"], ddf)
+            dice += mean_dice_per_pair(part["fixed_label"], warped, part["moving_label"])
+            jac = jacobian_determinant(ddf).cpu()
+            folding += [folding_fraction(j[None]) for j in jac]
+    return {
+        "dice_mean": float(np.mean(dice)),
+        "dice_std": float(np.std(dice)),
+        "folding_percent": float(np.mean(folding)),
+        "train_seconds": train_seconds,
+    }
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data"
+    )
+    parser.add_argument("--vary", choices=sorted(PAPER_WEIGHTS), default="beta")
+    parser.add_argument("--multipliers", type=float, nargs="+", default=[0.0, 0.1, 1.0, 10.0])
+    parser.add_argument("--factor", type=int, default=4, help="downsampling of the 160x224 slices")
+    parser.add_argument("--slices", type=int, nargs=2, default=[60, 130], help="axial slice range")
+    parser.add_argument("--slice-step", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--control-spacing", type=int, default=4)
+    parser.add_argument("--voxel-size", type=float, default=1.0, help="BSplineUNetLoss voxel_size (README)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bspline_unet.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    if args.slice_step < 2:
+        raise SystemExit("--slice-step must be >= 2 so that held-out slices lie between training slices")
+    first, last = args.slices
+    train = oasis_slice_pairs(args.data_dir, range(first, last, args.slice_step), args.factor)
+    held_out = range(first + args.slice_step // 2, last, 2 * args.slice_step)
+    test = oasis_slice_pairs(args.data_dir, held_out, args.factor)
+    identity = mean_dice_per_pair(test["fixed_label"], test["moving_label"], test["moving_label"])
+    rows = [
+        {
+            "setting": "identity",
+            "dice_mean": float(np.mean(identity)),
+            "dice_std": float(np.std(identity)),
+            "folding_percent": 0.0,
+            "train_seconds": 0.0,
+        }
+    ]
+    shape = tuple(train["fixed"].shape[2:])
+    print(
+        f"B-spline U-Net, OASIS axial slices {shape}: {len(train['fixed'])} training pairs, "
+        f"{len(test['fixed'])} held-out pairs; varying {args.vary} (paper {PAPER_WEIGHTS[args.vary]:g}); "
+        f"{args.steps} Adam steps of {args.batch_size} pairs, lr {args.lr:g}, device {device}"
+    )
+    for multiplier in args.multipliers:
+        weights = dict(PAPER_WEIGHTS)
+        weights[args.vary] = PAPER_WEIGHTS[args.vary] * multiplier
+        result = train_and_evaluate(train, test, weights, args, device)
+        rows.append(
+            {"setting": f"{args.vary} x{multiplier:g}", "multiplier": multiplier, **weights, **result}
+        )
+        print(
+            f"  {rows[-1]['setting']:>14}: Dice {result['dice_mean']:.3f}, "
+            f"folding {result['folding_percent']:.2f} % ({result['train_seconds']:.0f} s)",
+            flush=True,
+        )
+
+    header = f"{'setting':>14} | {'Dice (held-out)':>15} | {'folding %':>9} | {'train s':>7}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for row in rows:
+        dice = f"{row['dice_mean']:.3f} +- {row['dice_std']:.3f}"
+        print(
+            f"{row['setting']:>14} | {dice:>15} | {row['folding_percent']:>9.2f} | "
+            f"{row['train_seconds']:>7.0f}"
+        )
+    report = {
+        "benchmark": "bspline_unet loss-weight variation (Hering et al. 2019, Table 1)",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, {args.threads} threads, device {device}",
+        "image_shape": list(shape),
+        "num_train_pairs": len(train["fixed"]),
+        "num_test_pairs": len(test["fixed"]),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"saved {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
