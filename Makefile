@@ -25,8 +25,11 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test
 
+DEMO_OUT ?= results/demo
+
+# the side-by-side comparison of every method and the classic baselines on the built-in 2D phantoms
 demo: $(VENV)/.installed
-	$(PY) -m regnet_zoo demo
+	MPLBACKEND=Agg $(PY) benchmarks/compare.py --dataset builtin --quick --out $(DEMO_OUT)
 
 test: $(VENV)/.installed-test
 	# pytest exit 5 means "no tests collected": report it instead of failing obscurely

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
@@ -93,12 +94,21 @@ class PairOutputWriter:
         output_dir: folder (created); files ``<name>_{warped,warped_label,ddf,jacdet}.nii.gz``.
         overwrite: replace existing outputs (input files are never overwritten: ``data.io.save_image``).
         write_jacobian: also write the Jacobian determinant.
+        extra_keys: further network outputs to write as ``<name>_<key>.nii.gz`` when present (e.g. PWC's
+            per-level ``warped_level{l}`` images, resampled onto the fixed grid when on a coarser grid).
     """
 
-    def __init__(self, output_dir: str | Path, overwrite: bool = True, write_jacobian: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | Path,
+        overwrite: bool = True,
+        write_jacobian: bool = True,
+        extra_keys: Sequence[str] = (),
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
         self.write_jacobian = write_jacobian
+        self.extra_keys = tuple(extra_keys)
         self.written: list[Path] = []
         self._count = 0
 
@@ -136,6 +146,12 @@ class PairOutputWriter:
                 )
             if self.write_jacobian:
                 files["jacdet"] = jacobian_determinant(ddf[i : i + 1])[0][None].float()
+            for key in self.extra_keys:
+                if isinstance(outputs.get(key), torch.Tensor):
+                    extra = outputs[key][i : i + 1].detach().float().cpu()
+                    if extra.shape[2:] != ddf.shape[2:]:  # a coarser level: shown on the fixed grid
+                        extra = F.interpolate(extra, size=ddf.shape[2:], mode="nearest")
+                    files[key] = extra[0]
             for suffix, data in files.items():
                 path = self.output_dir / f"{name}_{suffix}.nii.gz"
                 save_image(data, path, affine=affine, overwrite=self.overwrite, protect=protect)
