@@ -1,0 +1,298 @@
+"""The side-by-side benchmark (benchmarks/compare.py) and the classic baselines (regnet_zoo.baselines).
+
+References are independent of the code under test: SimpleITK's own resampling, analytic transforms and
+fields, label overlap computed from the label files with numpy, MONAI's own VoxelMorph forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy.ndimage import gaussian_filter
+
+from regnet_zoo import METHODS, project_root
+from regnet_zoo.baselines import (
+    VoxelMorphLoss,
+    VoxelMorphRegistration,
+    image_to_sitk,
+    sitk_affine,
+    sitk_bspline,
+    sitk_demons,
+    transform_to_ddf,
+)
+from regnet_zoo.core.spatial import identity_grid, warp_image
+
+COMPARE = project_root() / "benchmarks" / "compare.py"
+sys.path.insert(0, str(COMPARE.parent))
+
+
+def _smooth_image(shape, seed=0, sigma=3.0) -> np.ndarray:
+    """Smooth random blobs in [0, 1] with a dark border (so that nothing leaves the field of view)."""
+    rng = np.random.default_rng(seed)
+    image = gaussian_filter(rng.random(shape), sigma)
+    image = (image - image.min()) / (image.max() - image.min())
+    margin = tuple(slice(6, -6) for _ in shape)
+    window = np.zeros(shape)
+    window[margin] = 1
+    return (image * gaussian_filter(window, 2)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# conventions: SimpleITK transform -> DDF
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape, spacing", [((40, 50), (1.5, 0.8)), ((18, 22, 26), (2.0, 1.0, 1.5))])
+def test_transform_to_ddf_warps_like_sitk_resample(shape, spacing):
+    """warp_image(moving, ddf) must equal SimpleITK's resampling with the transform (anisotropic voxels)."""
+    n = len(shape)
+    rng = np.random.default_rng(1)
+    image = _smooth_image(shape, sigma=2.0)
+    transform = sitk.AffineTransform(n)
+    transform.SetMatrix((np.eye(n) + 0.06 * rng.standard_normal((n, n))).ravel().tolist())
+    transform.SetTranslation(rng.normal(0, 1.5, n).tolist())
+    transform.SetCenter([8.0] * n)
+    reference = image_to_sitk(image, spacing)
+    ddf = transform_to_ddf(transform, reference)
+    assert ddf.shape == (n, *shape)
+    ours = warp_image(torch.from_numpy(image)[None, None], ddf[None])[0, 0].numpy()
+    theirs = sitk.GetArrayFromImage(sitk.Resample(reference, reference, transform, sitk.sitkLinear, 0.0))
+    # compare where the sample points fall inside the image (the two pad differently outside it)
+    coords = identity_grid(shape)[0] + ddf
+    upper = torch.tensor(shape, dtype=coords.dtype).view(n, *[1] * n) - 1
+    inside = ((coords >= 0) & (coords <= upper)).all(0).numpy()
+    assert inside.mean() > 0.6
+    np.testing.assert_allclose(ours[inside], theirs[inside], atol=1e-5)
+    assert np.abs(ddf.numpy()).max() > 0.5  # a real motion, not a trivially passing zero field
+
+
+def test_sitk_affine_recovers_a_known_affine():
+    """moving = fixed seen through a known affine T: the DDF must be T(x) - x (analytic) in the interior."""
+    shape, spacing = (72, 80), (1.2, 1.0)
+    fixed = _smooth_image(shape, seed=2, sigma=4.0)
+    fixed_img = image_to_sitk(fixed, spacing)
+    truth = sitk.AffineTransform(2)
+    angle = np.deg2rad(6.0)
+    truth.SetMatrix([np.cos(angle) * 1.04, -np.sin(angle), np.sin(angle), np.cos(angle) * 0.97])
+    truth.SetTranslation((2.0, -1.5))
+    truth.SetCenter([(s - 1) * sp / 2 for s, sp in zip(shape[::-1], spacing[::-1], strict=True)])
+    # moving(T(x)) = fixed(x)  <=>  moving = fixed resampled with T^-1
+    moving = sitk.GetArrayFromImage(
+        sitk.Resample(fixed_img, fixed_img, truth.GetInverse(), sitk.sitkLinear, 0.0)
+    )
+    ddf = sitk_affine(fixed, moving, spacing=spacing, sampling=1.0)
+    expected = transform_to_ddf(truth, fixed_img)
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    error = (ddf - expected)[inner].norm(dim=0)
+    assert expected[inner].norm(dim=0).mean() > 2.0
+    assert error.mean() < 0.25 and error.max() < 0.6
+
+
+@pytest.mark.parametrize("register", [sitk_demons, sitk_bspline], ids=["demons", "bspline"])
+def test_deformable_baselines_recover_an_analytic_field(register):
+    """fixed(x) = moving(x + u(x)) for a smooth analytic u: the recovered DDF must be close to u."""
+    shape = (64, 64)
+    moving = _smooth_image(shape, seed=3, sigma=2.5)
+    grid = identity_grid(shape)[0].double()
+    u = torch.stack(
+        [2.0 * torch.sin(2 * math.pi * grid[1] / 64), 1.5 * torch.cos(2 * math.pi * grid[0] / 64)]
+    ).float()
+    fixed = warp_image(torch.from_numpy(moving)[None, None], u[None])[0, 0].numpy()
+    ddf = register(fixed, moving, spacing=(1.0, 1.0))
+    inner = (slice(None), slice(12, -12), slice(12, -12))
+    error = (ddf - u)[inner].norm(dim=0).mean()
+    initial = u[inner].norm(dim=0).mean()
+    assert error < 0.2 * initial, f"mean error {error:.3f} vs |u| {initial:.3f}"
+    warped = warp_image(torch.from_numpy(moving)[None, None], ddf[None])[0, 0].numpy()
+    assert np.abs(warped - fixed)[12:-12, 12:-12].mean() < 0.5 * np.abs(moving - fixed)[12:-12, 12:-12].mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# VoxelMorph adapter
+# ----------------------------------------------------------------------------------------------------------
+def test_voxelmorph_adapter_matches_monai_and_pads_any_size():
+    torch.manual_seed(0)
+    model = VoxelMorphRegistration(spatial_dims=2).eval()
+    fixed, moving = torch.rand(1, 1, 32, 48), torch.rand(1, 1, 32, 48)
+    with torch.no_grad():
+        ours = model(fixed, moving)
+        monai_warped, monai_ddf = model.net(moving, fixed)  # MONAI's own forward: (moving, fixed) order
+    torch.testing.assert_close(ours["ddf"], monai_ddf)
+    assert ours["ddf"].abs().max() > 0  # an untrained network still predicts a non-zero field
+    # a size that is not a multiple of 16: padded inside, cropped back; warped is moving warped by ddf
+    odd_fixed, odd_moving = torch.rand(2, 1, 36, 44), torch.rand(2, 1, 36, 44)
+    out = model(odd_fixed, odd_moving)
+    assert out["ddf"].shape == (2, 2, 36, 44)
+    torch.testing.assert_close(out["warped"], warp_image(odd_moving, out["ddf"]))
+    losses = VoxelMorphLoss("lncc")(out, {"fixed": odd_fixed, "moving": odd_moving})
+    assert set(losses) == {"loss", "similarity", "diffusion"}
+    torch.testing.assert_close(losses["loss"], losses["similarity"] + 1.0 * losses["diffusion"])
+    losses["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# benchmark helpers
+# ----------------------------------------------------------------------------------------------------------
+def test_budget_and_cache_key():
+    from _compare_train import Budget, cache_key
+
+    with pytest.raises(ValueError):
+        Budget()
+    with pytest.raises(ValueError):
+        Budget(iterations=3, minutes=1.0)
+    with pytest.raises(ValueError):
+        Budget(iterations=0)
+    a = cache_key("ddrnet", "/data/x", Budget(iterations=5), image_size=None)
+    assert a == cache_key("ddrnet", "/data/x", Budget(iterations=5), image_size=None)
+    others = {
+        cache_key("pwc", "/data/x", Budget(iterations=5), image_size=None),
+        cache_key("ddrnet", "/data/y", Budget(iterations=5), image_size=None),
+        cache_key("ddrnet", "/data/x", Budget(minutes=5), image_size=None),
+        cache_key("ddrnet", "/data/x", Budget(iterations=5), image_size=[32, 32]),
+    }
+    assert a not in others and len(others) == 4
+
+
+def test_peak_memory_sees_an_allocation():
+    from _compare_eval import PeakMemory
+
+    with PeakMemory() as before:
+        pass
+    with PeakMemory() as during:
+        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+        block += 1
+        del block
+    assert during.peak_rss_mb > before.peak_rss_mb + 40
+    assert during.peak_gpu_mb is None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the whole benchmark, --quick on tiny built-in data
+# ----------------------------------------------------------------------------------------------------------
+def _run_compare(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, str(COMPARE), *args], capture_output=True, text=True, env=env, timeout=400
+    )
+
+
+def _dice_from_files(fixed_label: Path, moving_label: Path, labels) -> float:
+    fixed = np.asarray(nib.load(str(fixed_label)).dataobj)
+    moving = np.asarray(nib.load(str(moving_label)).dataobj)
+    values = [
+        2 * np.sum((fixed == k) & (moving == k)) / (np.sum(fixed == k) + np.sum(moving == k)) for k in labels
+    ]
+    return float(np.mean(values))
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory) -> Path:
+    from regnet_zoo.data.phantom import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("tiny") / "phantom", 2, n_subjects=4, n_val=2)
+
+
+@pytest.mark.slow
+def test_compare_quick_writes_every_row_metric_and_plot(tiny_dataset, tmp_path):
+    from _compare_eval import METRIC_FIELDS
+    from compare import ALL_METHODS
+
+    out = tmp_path / "bench"
+    done = _run_compare(
+        "--dataset", str(tiny_dataset), "--quick", "--iterations", "1", "--batch-size", "1", "--out", str(out)
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| method |" in done.stdout  # the table is printed
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == set(ALL_METHODS)
+    for name, row in rows.items():
+        assert set(METRIC_FIELDS) <= set(row), name
+        bundle_present = (project_root() / "bundles" / name / "train.yaml").is_file()
+        if name == "ants_syn":
+            assert row["status"] in ("ok", "skipped")
+        elif name in METHODS and not bundle_present:
+            assert row["status"] == "missing" and name in results["missing"]
+        else:
+            assert row["status"] == "ok", f"{name}: {row['note']}"
+        if row["status"] != "ok":
+            assert row["note"]  # says why
+            continue
+        for field in METRIC_FIELDS:
+            if field == "peak_gpu_mb":
+                assert row[field] is None  # CPU run
+                continue
+            assert row[field] is not None and math.isfinite(row[field]), (name, field)
+        assert 0 <= row["dice_mean_30"] <= row["dice_mean"] + 1e-9 <= 1 + 1e-9
+        assert row["time_per_pair_s"] > 0 and row["peak_rss_mb"] > 50
+        assert len(row["per_pair"]) == 2 and set(row["per_label_dice"]) == {str(k) for k in range(1, 10)}
+        if row["kind"] == "deep":
+            assert row["num_parameters"] > 1000 and row["train_iterations"] == 1 and row["train_time_s"] > 0
+    # identity: Dice straight from the label files (numpy), TRE before registration
+    dataset = json.loads((tiny_dataset / "dataset.json").read_text())
+    expected = []
+    for pair in dataset["registration_val"]:
+        fixed_label, moving_label = (
+            tiny_dataset / pair[k].replace("imagesTr", "labelsTr") for k in ("fixed", "moving")
+        )
+        expected.append(_dice_from_files(fixed_label, moving_label, range(1, 10)))
+    identity = rows["identity"]
+    assert identity["dice_mean"] == pytest.approx(np.mean(expected), abs=1e-6)
+    assert identity["tre_mm"] == pytest.approx(identity["tre_mm_initial"]) and identity["tre_mm"] > 1.0
+    assert identity["sdlogj"] == 0 and identity["folding_percent"] == 0
+    # demons really registers: clearly better overlap than no registration
+    assert rows["sitk_demons"]["dice_mean"] > identity["dice_mean"] + 0.1
+    # the parameter count is the bundle network's
+    from regnet_zoo.bundle import load_bundle_network
+
+    ddrnet = load_bundle_network("ddrnet", load_weights=False)
+    assert rows["ddrnet"]["num_parameters"] == sum(p.numel() for p in ddrnet.parameters())
+    # outputs
+    table = (out / "results.md").read_text()
+    assert "| identity |" in table and "command:" in table and "machine:" in table
+    pngs = ["accuracy_vs_time.png", "dice_boxplot.png"] + [
+        f"panel_{m}.png" for m, r in rows.items() if r["status"] == "ok"
+    ]
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
+
+    # a second run reuses the trained weights (cache keyed by method + dataset + budget)
+    again = _run_compare(
+        "--dataset",
+        str(tiny_dataset),
+        "--quick",
+        "--iterations",
+        "1",
+        "--batch-size",
+        "1",
+        "--methods",
+        "identity",
+        "ddrnet",
+        "--out",
+        str(out),
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert set(second) == {"identity", "ddrnet"}
+    assert second["ddrnet"]["cached"] is True and rows["ddrnet"]["cached"] is False
+    assert second["ddrnet"]["train_time_s"] == pytest.approx(rows["ddrnet"]["train_time_s"])
+    assert second["ddrnet"]["dice_mean"] == pytest.approx(rows["ddrnet"]["dice_mean"], abs=1e-6)
+
+
+def test_compare_reports_a_bad_dataset_in_one_line(tmp_path, capsys):
+    from compare import main
+
+    assert main(["--dataset", str(tmp_path / "absent"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "absent" in err and "not found" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
