@@ -85,9 +85,9 @@ def test_shared_streams_see_fixed_and_moving_alike():
 
 def test_rejects_bad_input():
     net = BSplineUNet(2, **SMALL)
-    with pytest.raises(RegistrationInputError, match="must be equal"):
+    with pytest.raises(RegistrationInputError, match="same shape"):
         net(torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 30))
-    with pytest.raises(RegistrationInputError, match="spatial dims"):
+    with pytest.raises(RegistrationInputError, match="spatial axes"):
         net(torch.rand(1, 1, 8, 32, 32), torch.rand(1, 1, 8, 32, 32))
     with pytest.raises(ValueError):
         BSplineUNet(2, decoder_channels=(8,))

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from regnet_zoo.core.bspline import bspline_ddf, control_grid_shape
 from regnet_zoo.core.losses import curvature_loss, ngf_loss, one_hot_labels
 from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
-from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.networks.pair import split_pair
 
 __all__ = ["level_shape", "downsample_to_level", "level_key", "BSplineUNet", "BSplineUNetLoss"]
 
@@ -153,20 +153,6 @@ class BSplineUNet(nn.Module):
         """Stride (in full-resolution voxels) of the decoder features that pyramid ``level`` is read from."""
         return 2 ** (self.num_downsamplings - (NUM_LEVELS - 1) + level)
 
-    def _check_pair(self, fixed: Tensor, moving: Tensor | None) -> tuple[Tensor, Tensor]:
-        if moving is None:
-            fixed, moving = torch.chunk(fixed, 2, dim=1)
-        if fixed.shape != moving.shape or fixed.ndim != self.spatial_dims + 2:
-            raise RegistrationInputError(
-                f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be equal (B, C, *S) with "
-                f"{self.spatial_dims} spatial dims"
-            )
-        if fixed.shape[1] != self.in_channels:
-            raise RegistrationInputError(
-                f"expected {self.in_channels} image channel(s), got {fixed.shape[1]}"
-            )
-        return fixed, moving
-
     def _control_points(self, features: Tensor, head: nn.Module, level: int, shape: Sequence[int]) -> Tensor:
         """Sample ``head(features)`` at the full-resolution positions of level ``level``'s control points."""
         level_size = level_shape(shape, level)
@@ -180,7 +166,7 @@ class BSplineUNet(nn.Module):
         return sample_image(head(features), positions / stride, mode="linear", padding_mode="border")
 
     def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
-        fixed, moving = self._check_pair(fixed, moving)
+        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         shape = tuple(fixed.shape[2:])
         multiple = 2**self.num_downsamplings
         pads = [(-n) % multiple for n in shape]

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from regnet_zoo.core.integration import scaling_and_squaring
 from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, one_hot_labels, soft_dice_loss
 from regnet_zoo.core.spatial import resize_ddf, warp_image
+from regnet_zoo.networks.pair import split_pair
 from regnet_zoo.networks.unet import RegistrationUNet
 
 __all__ = [
@@ -317,13 +318,7 @@ class DDRNet(nn.Module):
         return run(pairs)
 
     def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
-        if moving is None:
-            fixed, moving = torch.chunk(fixed, 2, dim=1)
-        if fixed.shape != moving.shape or fixed.ndim != self.spatial_dims + 2:
-            raise ValueError(
-                f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} must be equal (B, C, *S) with "
-                f"{self.spatial_dims} spatial dims"
-            )
+        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         layout = self.layout(fixed.shape[2:])
         fixed_p, moving_p = pad_to_layout(fixed, layout), pad_to_layout(moving, layout)
         batch = fixed.shape[0]

@@ -40,7 +40,7 @@ from regnet_zoo.core.losses import (
     soft_dice_loss,
 )
 from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
-from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
     "DiscreteFeatureExtractor",
@@ -231,19 +231,6 @@ def nonlocal_label_transfer(
 # ------------------------------------------------------------------------------------------------------------
 # network
 # ------------------------------------------------------------------------------------------------------------
-def _check_images(fixed: torch.Tensor, moving: torch.Tensor, spatial_dims: int, in_channels: int) -> None:
-    for name, image in (("fixed", fixed), ("moving", moving)):
-        if image.ndim != spatial_dims + 2 or image.shape[1] != in_channels:
-            raise RegistrationInputError(
-                f"{name} image: expected (B, {in_channels}, *S) with {spatial_dims} spatial dims, "
-                f"got {tuple(image.shape)}"
-            )
-    if fixed.shape != moving.shape:
-        raise RegistrationInputError(
-            f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} images must have the same shape"
-        )
-
-
 def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
     """Replicate-pad the end of every spatial axis to a multiple of ``multiple``."""
     pads = [(-s) % multiple for s in image.shape[2:]]
@@ -336,14 +323,7 @@ class DiscreteCorrNet(nn.Module):
         return mean_field_smoothing(cost, self.meanfield_kernel, self.meanfield_iterations)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if moving is None:  # one (B, 2C, *S) input (MONAI ckpt_export / verify_net_in_out)
-            if fixed.ndim < 2 or fixed.shape[1] != 2 * self.in_channels:
-                raise RegistrationInputError(
-                    f"a single input must stack fixed and moving: (B, {2 * self.in_channels}, *S), "
-                    f"got {tuple(fixed.shape)}"
-                )
-            fixed, moving = torch.chunk(fixed, 2, dim=1)
-        _check_images(fixed, moving, self.spatial_dims, self.in_channels)
+        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         batch = fixed.shape[0]
         # one pass over both images so that batch normalisation sees the pair together
         both = _pad_to_multiple(torch.cat([fixed, moving], dim=0), self.stride)

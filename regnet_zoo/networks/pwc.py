@@ -26,7 +26,7 @@ from torch import nn
 from regnet_zoo.core.correlation import correlation_volume
 from regnet_zoo.core.losses import diffusion_loss, global_ncc, lncc_loss, one_hot_labels, soft_dice_loss
 from regnet_zoo.core.spatial import compose_ddf, resize_ddf, warp_image
-from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
     "PWCRegistrationPyramid",
@@ -281,26 +281,12 @@ class PWCRegistrationPyramid(nn.Module):
         )
         self.upsample = nn.ModuleList([UpsampleModule(spatial_dims) for _ in range(self.num_levels)])
 
-    def _check_inputs(self, fixed: torch.Tensor, moving: torch.Tensor) -> None:
-        for name, image in (("fixed", fixed), ("moving", moving)):
-            if image.ndim != self.spatial_dims + 2 or image.shape[1] != self.in_channels:
-                raise RegistrationInputError(
-                    f"{name} image must be (B, {self.in_channels}, *S) with {self.spatial_dims} spatial axes,"
-                    f" got shape {tuple(image.shape)}"
-                )
-        if fixed.shape != moving.shape:
-            raise RegistrationInputError(
-                f"fixed {tuple(fixed.shape)} and moving {tuple(moving.shape)} images must have the same shape"
-            )
-
     def _cost(self, level: int, fixed_feat: torch.Tensor, warped_feat: torch.Tensor) -> torch.Tensor:
         metric = self.image_correlation_metric if level == 0 else self.correlation_metric
         return correlation_volume(fixed_feat, warped_feat, self.search_radius, metric)
 
     def forward(self, fixed: torch.Tensor, moving: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if moving is None:  # one tensor with fixed and moving stacked along channels (MONAI export tools)
-            fixed, moving = torch.chunk(fixed, 2, dim=1)
-        self._check_inputs(fixed, moving)
+        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         fixed_levels = [fixed, *self.pyramid(fixed)]
         moving_levels = [moving, *self.pyramid(moving)]
         outputs: dict[str, torch.Tensor] = {}
