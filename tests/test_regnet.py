@@ -220,7 +220,8 @@ def test_training_lowers_dvf_mae_on_held_back_slices(shared_data):
     """A short training on synthetic deformations of real OASIS slices lowers the DVF MAE (and the image
     mismatch) of dense inference on synthetic deformations of other slices it never saw.
 
-    Reduced for a CPU test: narrow layers, theta = 3 mm instead of 8 mm, 100 iterations of 16 crops.
+    Reduced for a CPU test: narrow layers, theta = 3 mm instead of 8 mm, 200 iterations of 16 crops
+    (100 iterations were too few: the ratio then swung between 0.92 and 1.04 with the thread count).
     """
     from regnet_zoo.data.io import load_image
     from regnet_zoo.data.synthetic import deform_pair
@@ -249,9 +250,9 @@ def test_training_lowers_dvf_mae_on_held_back_slices(shared_data):
     transform = RegNetSyntheticCropd(crop_size=64, dvf_overrides={"theta": 3.0})
     transform.set_random_state(0)
     loss_fn = RegNetLoss()
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    for _ in range(100):
+    for _ in range(200):
         samples = [transform({"moving": train_images[rng.integers(len(train_images))]}) for _ in range(16)]
         batch = {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
         loss = loss_fn(net(batch["fixed"], batch["moving"]), batch)["loss"]
@@ -264,7 +265,7 @@ def test_training_lowers_dvf_mae_on_held_back_slices(shared_data):
         out = net(fixed, moving)
     mae_identity = dvf_mae(torch.zeros_like(ddf_true), ddf_true)[0].item()
     mae_trained = dvf_mae(out["ddf"], ddf_true)[0].item()
-    assert mae_trained < 0.95 * mae_identity, (mae_trained, mae_identity)  # measured: 0.91
+    assert mae_trained < 0.95 * mae_identity, (mae_trained, mae_identity)  # measured: 0.84 (1 or 2 threads)
     mismatch_identity = (moving - fixed).abs().mean().item()
     mismatch_trained = (out["warped"] - fixed).abs().mean().item()
     assert mismatch_trained < mismatch_identity, (mismatch_trained, mismatch_identity)
