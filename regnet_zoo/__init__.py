@@ -20,7 +20,9 @@ def bundle_dir(name: str) -> Path:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     path = project_root() / "bundles" / name
     if not path.is_dir():
-        raise FileNotFoundError(f"bundle folder {path} not found (is regnet_zoo installed from its source checkout?)")
+        raise FileNotFoundError(
+            f"bundle folder {path} not found (is regnet_zoo installed from its source checkout?)"
+        )
     return path
 
 
