@@ -27,6 +27,7 @@ from torch import nn
 from regnet_zoo import bundle_dir
 
 __all__ = [
+    "BUNDLE_FILES",
     "CONFIG_LAYERS",
     "SCHEMA_PATH",
     "config_files",
@@ -37,6 +38,17 @@ __all__ = [
     "verify_bundle_metadata",
     "export_bundle",
 ]
+
+#: the files every bundle has (the convention in ``bundles/README.md``)
+BUNDLE_FILES = (
+    "train.yaml",
+    "inference.yaml",
+    "evaluate.yaml",
+    "multi_gpu_train.yaml",
+    "metadata.json",
+    "README.md",
+    "logging.conf",
+)
 
 #: the config files (in ``bundles/<method>/``) that make up each runnable config, base first
 CONFIG_LAYERS: dict[str, tuple[str, ...]] = {

@@ -151,27 +151,6 @@ def test_metadata_validates_offline(monkeypatch, tmp_path):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=str(SCHEMA_PATH))
 
 
-def test_bundle_files_and_keys():
-    for name in (
-        "train.yaml",
-        "inference.yaml",
-        "evaluate.yaml",
-        "multi_gpu_train.yaml",
-        "metadata.json",
-        "README.md",
-        "logging.conf",
-    ):
-        assert (BUNDLE / name).is_file(), name
-    parser = bundle_parser("ddrnet", "train")
-    for key in ("dataset_dir", "epochs", "device", "bundle_root", "spatial_dims", "network_def", "loss"):
-        assert key in parser, key
-    assert parser["bundle_root"] == str(BUNDLE)
-    net = load_bundle_network("ddrnet", load_weights=False, spatial_dims=3)
-    assert net.spatial_dims == 3
-    with pytest.raises(FileNotFoundError, match="train first"):
-        load_bundle_network("ddrnet", weights="/nonexistent/model.pt")
-
-
 def test_multi_gpu_train_with_two_cpu_processes(tmp_path):
     default_dataset_dir(2)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
