@@ -34,7 +34,6 @@ from regnet_zoo.data.io import load_image, load_label
 from regnet_zoo.errors import RegistrationInputError
 
 PACKAGED = [m for m in METHODS if (regnet_zoo.project_root() / "bundles" / m / "train.yaml").is_file()]
-NOT_PACKAGED = [m for m in METHODS if m not in PACKAGED]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -384,14 +383,6 @@ def test_load_method(trained):
     with pytest.raises(FileNotFoundError, match="regnet-zoo train ddrnet"):
         load_method("ddrnet", weights="/nonexistent/model.pt")
     assert regnet_zoo.load_method is load_method and regnet_zoo.register is register
-
-
-@pytest.mark.skipif(not NOT_PACKAGED, reason="every method is packaged")
-@pytest.mark.parametrize("method", NOT_PACKAGED or ["none"])
-def test_unpackaged_method_is_a_clear_error(method, phantom_dir):
-    case = phantom_case(phantom_dir, 1)
-    with pytest.raises(RegistrationInputError, match="not packaged yet"):
-        register(case["image"], case["image"], method)
 
 
 def test_register_rejects_bad_input(phantom_dir, tmp_path):

@@ -22,7 +22,6 @@ from regnet_zoo.cli import main, parse_overrides
 from regnet_zoo.data.io import lps_to_voxel, save_image, save_landmarks
 
 PACKAGED = [m for m in METHODS if (regnet_zoo.project_root() / "bundles" / m / "train.yaml").is_file()]
-NOT_PACKAGED = [m for m in METHODS if m not in PACKAGED]
 OUTPUTS = ("warped", "warped_label", "ddf_voxel", "ddf_itk", "jacobian")
 METRIC_KEYS = (
     "dice", "dice_mean", "hd95_mm", "tre_mm", "tre_mm_initial", "sdlogj", "sdlogj_l2r", "folding_percent",
@@ -298,16 +297,6 @@ def test_register_bad_input_is_one_line_and_exit_2(case, pair, bad_files, tmp_pa
     code, _, err = run(capsys, "register", *[str(x) for kv in args.items() for x in kv])
     assert_input_error(code, err, message)
     assert not (tmp_path / "out").exists()  # nothing written
-
-
-@pytest.mark.skipif(not NOT_PACKAGED, reason="every method is packaged")
-@pytest.mark.parametrize("method", NOT_PACKAGED or ["none"])
-def test_unpackaged_method(method, pair, tmp_path, capsys):
-    code, _, err = run(capsys, "register", "--method", method, "--fixed", pair["fixed"], "--moving",
-                       pair["moving"], "--out", tmp_path)  # fmt: skip
-    assert_input_error(code, err, "not packaged yet")
-    code, _, err = run(capsys, "train", method)
-    assert_input_error(code, err, "not packaged yet")
 
 
 def test_other_bad_input(pair, bad_files, tmp_path, capsys):
