@@ -13,8 +13,12 @@ SHARED_DATA = Path(os.environ.get("REGNET_ZOO_SHARED_DATA", _DEFAULT_SHARED))
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_threads():
+    """Seed every test; restore torch's thread count afterwards so that one test's setting cannot leak."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
