@@ -81,7 +81,7 @@ def main() -> None:
         ddf = net(test["fixed"], test["moving"])["ddf"].double()
     per_pair, identity = [], []
     for i in range(len(ddf)):
-        labels = (test["fixed_label"][i], test["moving_label"][i])
+        labels = (test["fixed_label"][i, 0], test["moving_label"][i, 0])
         per_pair.append(registration_metrics(ddf[i], *labels))
         identity.append(registration_metrics(torch.zeros_like(ddf[i]), *labels))
     keys = ("dice_mean", "hd95_mm", "sdlogj", "sdlogj_l2r", "folding_percent")
