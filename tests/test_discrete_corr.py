@@ -268,12 +268,15 @@ def _mean_dice(net, images, labels, evaluation_labels) -> float:
 
 @pytest.mark.slow
 def test_short_training_on_labelled_brain_slices_beats_identity(shared_data):
-    """Weakly supervised (labels only) training of the feature extractor raises Dice on held-back slices."""
+    """Weakly supervised (labels only) training of the feature extractor raises Dice on held-out slices.
+
+    Only two labelled subjects exist: the held-out slices lie outside the training range, at least 12 slices
+    (12 mm) from every training slice."""
     evaluation_labels = json.loads((shared_data / "oasis3d_pair" / "dataset.json").read_text())[
         "evaluation_labels"
     ]
     train_images, train_labels = _oasis_slices(shared_data, range(60, 100, 3))
-    held_images, held_labels = _oasis_slices(shared_data, [64, 74, 84, 94])
+    held_images, held_labels = _oasis_slices(shared_data, [111, 118, 125, 132])
     identity = float(
         np.mean(
             [
