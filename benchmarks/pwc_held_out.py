@@ -3,8 +3,9 @@
 The shared data has two labelled subjects (``oasis3d_pair``), so subject-disjoint evaluation is impossible
 here; training uses axial positions ``62, 66, ..., 114`` and evaluation positions ``126, 134, 142`` (each
 at least 12 slices = 12 mm from every training slice), both directions of the pair. Images are averaged
-2x2 (80 x 112, 2 mm pixels), labels take the voxel at each block's centre. Metrics: ``core.metrics.registration_metrics``
-(Dice over the labels present, HD95 in mm, SDlogJ in both forms, folding) per held-out pair, then means.
+2x2 (80 x 112, 2 mm pixels), labels take the voxel at each block's centre.
+Metrics: ``core.metrics.registration_metrics`` (Dice over the labels present, HD95 in mm, SDlogJ in both
+forms, folding) per held-out pair, then their means.
 
     python benchmarks/pwc_held_out.py [--steps 60] [--full-width] [--out benchmarks/results/pwc_held_out.json]
 """
