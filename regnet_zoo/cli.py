@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     warp.add_argument("--fixed", required=True, help="the fixed image (its grid and affine)")
     warp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
     warp.add_argument("--ddf-type", choices=("auto", "voxel", "itk"), default="auto", help="DDF convention")
-    warp.add_argument("--out", required=True, help="output file (.nii.gz)")
+    warp.add_argument("--out", required=True, help="output image (.nii.gz, .nii, .mha, .nrrd)")
     warp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     ev = sub.add_parser(
@@ -174,11 +174,11 @@ def _warp(args: argparse.Namespace) -> int:
     import torch
 
     from regnet_zoo.api import _affine4, _as_image, load_ddf, warp_physical
-    from regnet_zoo.data.io import check_pair, file_suffix, save_image
+    from regnet_zoo.data.io import WRITE_SUFFIXES, check_pair, file_suffix, save_image
 
     out = Path(args.out)
-    if file_suffix(out) not in (".nii", ".nii.gz"):
-        raise RegistrationInputError(f"{out}: --out must be a NIfTI file (.nii.gz)")
+    if file_suffix(out) not in WRITE_SUFFIXES:
+        raise RegistrationInputError(f"{out}: --out must be an image file ({', '.join(WRITE_SUFFIXES)})")
     if out.exists() and not args.overwrite:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
     fixed = _as_image(args.fixed, "fixed image")
