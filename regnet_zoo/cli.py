@@ -173,7 +173,7 @@ def _register(args: argparse.Namespace) -> int:
 def _warp(args: argparse.Namespace) -> int:
     import torch
 
-    from regnet_zoo.api import _affine4, _as_image, load_ddf, warp_physical
+    from regnet_zoo.api import affine_of, as_image, load_ddf, warp_physical
     from regnet_zoo.data.io import WRITE_SUFFIXES, check_pair, file_suffix, save_image
 
     out = Path(args.out)
@@ -181,17 +181,17 @@ def _warp(args: argparse.Namespace) -> int:
         raise RegistrationInputError(f"{out}: --out must be an image file ({', '.join(WRITE_SUFFIXES)})")
     if out.exists() and not args.overwrite:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
-    fixed = _as_image(args.fixed, "fixed image")
-    moving = _as_image(args.moving, "moving image")
+    fixed = as_image(args.fixed, "fixed image")
+    moving = as_image(args.moving, "moving image")
     check_pair(fixed, moving)
     ddf = load_ddf(args.ddf, fixed, args.ddf_type)
-    warped = warp_physical(moving, _affine4(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
+    warped = warp_physical(moving, affine_of(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
     if args.nearest and torch.equal(warped, warped.round()):
         warped = warped.round().to(torch.int32)  # a label map stays integer
     save_image(
         warped,
         out,
-        affine=_affine4(fixed),
+        affine=affine_of(fixed),
         overwrite=args.overwrite,
         protect=[args.moving, args.fixed, args.ddf],
     )
@@ -210,7 +210,7 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
     """Every pair of a Learn2Reg dataset split against ``disp_FFFF_MMMM.nii.gz`` files in ``args.ddf``."""
-    from regnet_zoo.api import _as_image, case_id, evaluate_ddf, load_ddf
+    from regnet_zoo.api import as_image, case_id, evaluate_ddf, load_ddf
     from regnet_zoo.data.learn2reg import Learn2RegDataset
     from regnet_zoo.engines.metrics import aggregate_metrics
 
@@ -233,7 +233,7 @@ def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
     labels = _parse_labels(args.labels) or dataset.evaluation_labels or None
     per_pair: dict[str, dict] = {}
     for name, path, pair in zip(names, files, pairs, strict=True):
-        fixed = _as_image(pair["fixed"], "fixed image", dataset.spatial_dims)
+        fixed = as_image(pair["fixed"], "fixed image", dataset.spatial_dims)
         units = pair.get("keypoint_units", "mm")
         has_points = "fixed_keypoints" in pair and "moving_keypoints" in pair
         has_labels = "fixed_label" in pair and "moving_label" in pair
@@ -257,7 +257,7 @@ def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import _as_image, evaluate_ddf, load_ddf, metrics_to_json
+    from regnet_zoo.api import as_image, evaluate_ddf, load_ddf, metrics_to_json
 
     if args.dataset is not None or Path(args.ddf).is_dir():
         if args.dataset is None or not Path(args.ddf).is_dir():
@@ -268,7 +268,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         if args.fixed is None:
             raise RegistrationInputError("--fixed is required (the grid of the displacement field)")
-        fixed = _as_image(args.fixed, "fixed image")
+        fixed = as_image(args.fixed, "fixed image")
         result = evaluate_ddf(
             load_ddf(args.ddf, fixed, args.ddf_type),
             fixed,
@@ -323,10 +323,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import _check_method
+    from regnet_zoo.api import check_method
     from regnet_zoo.bundle import run_bundle
 
-    _check_method(args.method)
+    check_method(args.method)
     overrides = parse_overrides(list(args.overrides))
     if args.dataset_dir is not None:
         if not Path(args.dataset_dir).is_dir():
@@ -342,9 +342,9 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     if overrides.get("device") == "cuda":
-        from regnet_zoo.api import _resolve_device
+        from regnet_zoo.api import resolve_device
 
-        _resolve_device("cuda")
+        resolve_device("cuda")
     run_bundle(args.method, "train", **overrides)
     return 0
 

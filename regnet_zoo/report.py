@@ -190,7 +190,7 @@ def write_report(
     from matplotlib.colors import ListedColormap
     from matplotlib.figure import Figure
 
-    from regnet_zoo.data.io import _atomic_write, file_suffix
+    from regnet_zoo.data.io import atomic_write, file_suffix
     from regnet_zoo.errors import RegistrationInputError
 
     path = Path(path)
@@ -260,4 +260,4 @@ def write_report(
     bar.set_label("det J  (<1 shrinks, >1 grows)", fontsize=8)
     labels = "  yellow: fixed label, red: moving / warped label" if fixed_label is not None else ""
     fig.suptitle(f"{title}  (radiological view: patient's right on the left){labels}", fontsize=11)
-    return _atomic_write(path, overwrite, lambda tmp: fig.savefig(str(tmp), format="png"), ())
+    return atomic_write(path, lambda tmp: fig.savefig(str(tmp), format="png"), overwrite)

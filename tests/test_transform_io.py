@@ -15,7 +15,7 @@ import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 
-from regnet_zoo.api import _affine4, ddf_from_itk, ddf_to_itk, warp_physical
+from regnet_zoo.api import affine_of, ddf_from_itk, ddf_to_itk, warp_physical
 from regnet_zoo.data.io import load_image, save_image
 from regnet_zoo.data.transform_io import (
     affine_transform,
@@ -233,7 +233,7 @@ def test_ddf_itk_image_reads_as_a_transform(tmp_path):
 def test_tiny_mr_pair_composite_resample(tmp_path, shared_data):
     folder = shared_data / "tiny_mr_pair"
     fixed, moving = load_image(folder / "anatomical.nii"), load_image(folder / "reoriented_anat_moved.nii")
-    fa = _affine4(fixed)
+    fa = affine_of(fixed)
     fshape = tuple(fixed.shape[1:])
     ddf = _smooth_ddf(fshape, amplitude=1.0)
     m = np.eye(4)
@@ -247,7 +247,7 @@ def test_tiny_mr_pair_composite_resample(tmp_path, shared_data):
         sitk.Resample(moving_itk, fixed_itk, sitk.ReadTransform(str(tmp_path / "t.h5")), sitk.sitkLinear, 0.0)
     )
     arr = moving.as_tensor()[0].numpy()
-    expected, inside = _reference_resample(arr, _affine4(moving), _reference_map(fa, fshape, ddf, m, 3), 3)
+    expected, inside = _reference_resample(arr, affine_of(moving), _reference_map(fa, fshape, ddf, m, 3), 3)
     assert inside.mean() > 0.3
     scale = float(np.abs(expected[inside]).max())
     np.testing.assert_allclose(resampled[inside] / scale, expected[inside] / scale, atol=1e-4)

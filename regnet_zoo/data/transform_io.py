@@ -27,7 +27,7 @@ import SimpleITK as sitk
 from regnet_zoo.data.io import (
     NIFTI_SUFFIXES,
     SITK_SUFFIXES,
-    _atomic_write,
+    atomic_write,
     file_suffix,
     load_landmarks,
     save_landmarks,
@@ -126,7 +126,7 @@ def write_transform(
         )
     if suffix in LINEAR_TRANSFORM_SUFFIXES and not _is_linear(transform):
         raise RegistrationInputError(f"{path}: {suffix} holds linear transforms only; write a .h5 file")
-    return _atomic_write(path, overwrite, lambda tmp: sitk.WriteTransform(transform, str(tmp)), protect)
+    return atomic_write(path, lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite, protect)
 
 
 def _is_linear(transform: sitk.Transform) -> bool:
@@ -270,5 +270,5 @@ def transform_points_file(
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
     mapped = transform_points(pts, tx, inverse=inverse)
     protect = [points] + ([transform] if not isinstance(transform, sitk.Transform) else [])
-    _atomic_write(Path(out), overwrite, lambda tmp: save_landmarks(mapped, tmp, overwrite=True), protect)
+    atomic_write(Path(out), lambda tmp: save_landmarks(mapped, tmp, overwrite=True), overwrite, protect)
     return mapped
