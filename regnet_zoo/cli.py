@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Register MOVING to FIXED. Inputs may differ in size, spacing and orientation: the moving image "
             "is brought onto the fixed grid through physical space. Writes warped.nii.gz, "
             "[warped_label.nii.gz], ddf_voxel.nii.gz (Learn2Reg: fixed grid, voxel units, vector last), "
-            "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz and "
-            "metrics.json into --out."
+            "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz, "
+            "transform.h5 (ITK composite transform, fixed -> moving points: sitk.ReadTransform + "
+            "sitk.Resample, antsApplyTransforms, Slicer) and metrics.json into --out; with --inverse also "
+            "inverse_transform.h5 and fixed_warped.nii.gz (the fixed image on the moving grid), with "
+            "--report report.png."
         ),
         epilog=LANDMARK_HELP,
     )
@@ -78,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="test-time optimisation: Adam steps on the network's transform parameters with its own loss",
     )
+    reg.add_argument(
+        "--inverse",
+        action="store_true",
+        help="also the inverse transform, the fixed image warped onto the moving grid, and the "
+        "inverse-consistency error (mm) in metrics.json",
+    )
+    reg.add_argument("--report", action="store_true", help="also report.png: a picture of the registration")
+    reg.add_argument(
+        "--format",
+        default=".nii.gz",
+        choices=(".nii.gz", ".nii", ".mha", ".nrrd"),
+        help="file format of the image outputs (default: .nii.gz; ddf_voxel stays NIfTI)",
+    )
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true", help="replace results already in --out")
 
@@ -87,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Warp MOVING onto the grid of FIXED with a displacement field (linear, or --nearest).",
     )
     warp.add_argument("--moving", required=True, help="image (or label map, with --nearest) to warp")
-    warp.add_argument("--ddf", required=True, help=DDF_HELP)
+    warp.add_argument("--ddf", required=True, help=DDF_HELP + "; or an ITK transform (transform.h5, .tfm)")
     warp.add_argument("--fixed", required=True, help="the fixed image (its grid and affine)")
     warp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
     warp.add_argument("--ddf-type", choices=("auto", "voxel", "itk"), default="auto", help="DDF convention")
@@ -117,6 +133,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="val", choices=("val", "test", "train"), help="pairs (default: val)")
     ev.add_argument("--output", help="also write the JSON to this file")
 
+    points = sub.add_parser(
+        "transform-points",
+        help="map a CSV of physical points through a saved transform",
+        description=(
+            "Map physical points (LPS mm, x,y[,z] per row) through a transform written by register "
+            "(transform.h5, an affine .tfm, or a displacement field such as ddf_itk.nii.gz): fixed -> "
+            "moving, or moving -> fixed with --inverse. Writes a CSV with an x,y[,z] header."
+        ),
+    )
+    points.add_argument("--transform", required=True, help="transform.h5, .tfm or a displacement-field image")
+    points.add_argument("--points", required=True, help="input CSV of physical points (LPS mm)")
+    points.add_argument("--out", required=True, help="output CSV")
+    points.add_argument("--inverse", action="store_true", help="map moving -> fixed (the inverse transform)")
+    points.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
     add_serve_parser(sub)
 
     train = sub.add_parser(
@@ -142,12 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
 # commands
 # ----------------------------------------------------------------------------------------------------------
 def _register(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import OUTPUT_FILES, metrics_to_json, register
+    from regnet_zoo.api import metrics_to_json, output_names, register
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RegistrationInputError(f"{out}: --out must be a folder")
-    existing = [n for n in OUTPUT_FILES.values() if (out / n).exists()]
+    names = output_names(True, args.inverse, args.report, args.format)
+    existing = [n for n in names.values() if (out / n).exists()]
     if existing and not args.overwrite:  # refuse before the (slow) registration runs
         raise RegistrationInputError(
             f"{out}: output folder holds results ({', '.join(existing)}); pass --overwrite to replace them"
@@ -163,8 +195,9 @@ def _register(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         instance_opt=args.instance_opt,
+        inverse=args.inverse,
     )
-    paths = result.save(out, overwrite=args.overwrite)
+    paths = result.save(out, overwrite=args.overwrite, report=args.report, image_format=args.format)
     print(metrics_to_json(result.metrics))
     print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
     return 0
@@ -349,9 +382,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transform_points(args: argparse.Namespace) -> int:
+    from regnet_zoo.api import transform_points_file
+
+    if Path(args.out).suffix.lower() != ".csv":
+        raise RegistrationInputError(f"{args.out}: --out must be a .csv file")
+    mapped = transform_points_file(args.transform, args.points, args.out, args.inverse, args.overwrite)
+    print(f"wrote {len(mapped)} points to {args.out}", file=sys.stderr)
+    return 0
+
+
 _COMMANDS = {
     "register": _register,
     "warp": _warp,
+    "transform-points": _transform_points,
     "evaluate": _evaluate,
     "train": _train,
     "serve": serve_main,

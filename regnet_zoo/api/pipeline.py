@@ -51,6 +51,8 @@ from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "OUTPUT_FILES",
+    "IMAGE_FORMATS",
+    "output_names",
     "RegistrationResult",
     "PairInputs",
     "register",
@@ -60,15 +62,45 @@ __all__ = [
     "warp_and_evaluate",
 ]
 
-#: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label)
+#: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label;
+#: ``inverse_transform`` and ``fixed_warped`` only with an inverse, ``report`` only when asked for)
 OUTPUT_FILES = {
     "warped": "warped.nii.gz",
     "warped_label": "warped_label.nii.gz",
     "ddf_voxel": "ddf_voxel.nii.gz",
     "ddf_itk": "ddf_itk.nii.gz",
     "jacobian": "jacobian.nii.gz",
+    "transform": "transform.h5",
+    "inverse_transform": "inverse_transform.h5",
+    "fixed_warped": "fixed_warped.nii.gz",
     "metrics": "metrics.json",
+    "report": "report.png",
 }
+#: image formats :meth:`RegistrationResult.save` writes (``image_format``); ``ddf_voxel`` stays NIfTI
+#: (Learn2Reg's layout)
+IMAGE_FORMATS = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def output_names(
+    label: bool = True, inverse: bool = False, report: bool = False, image_format: str = ".nii.gz"
+) -> dict[str, str]:
+    """``{output: file name}`` that :meth:`RegistrationResult.save` writes with these options."""
+    if image_format not in IMAGE_FORMATS:
+        raise RegistrationInputError(
+            f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}"
+        )
+    skip = set()
+    skip |= set() if label else {"warped_label"}
+    skip |= set() if inverse else {"inverse_transform", "fixed_warped"}
+    skip |= set() if report else {"report"}
+    names = {}
+    for key, name in OUTPUT_FILES.items():
+        if key in skip:
+            continue
+        if name.endswith(".nii.gz") and key != "ddf_voxel":
+            name = name[: -len(".nii.gz")] + image_format
+        names[key] = name
+    return names
 
 
 @dataclass
@@ -79,7 +111,10 @@ class RegistrationResult:
     fixed voxel units), ``ddf_itk`` (SimpleITK vector image, mm, LPS; ``sitk.Resample(moving, fixed,
     sitk.DisplacementFieldTransform(sitk.Image(ddf_itk)))`` reproduces ``warped``), ``jacobian`` ``(*S)``
     (determinant of ``x -> x + ddf(x)``), ``metrics`` (see :func:`evaluate_ddf`, plus ``runtime_s``,
-    ``peak_memory_mb``).
+    ``peak_memory_mb``, and with an inverse ``inverse_consistency_mean_mm`` / ``_p95_mm``).
+    With ``register(..., inverse=True)``: ``inverse_ddf`` ``(N, *S)`` (voxel DDF on the fixed grid of the
+    inverse map, moving -> fixed points) and ``fixed_warped`` (the fixed image on the moving grid).
+    ``inputs``: the checked inputs (for the report picture).
     """
 
     warped: MetaTensor
@@ -89,19 +124,38 @@ class RegistrationResult:
     jacobian: MetaTensor
     metrics: dict
     source_files: tuple[str, ...] = field(default=(), repr=False)
+    inverse_ddf: Tensor | None = field(default=None, repr=False)
+    fixed_warped: MetaTensor | None = field(default=None, repr=False)
+    inputs: PairInputs | None = field(default=None, repr=False)
 
-    def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
-        """Write :data:`OUTPUT_FILES` into ``out_dir``; return ``{name: path}``.
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        overwrite: bool = False,
+        *,
+        report: bool = False,
+        image_format: str = ".nii.gz",
+    ) -> dict[str, Path]:
+        """Write :func:`output_names` into ``out_dir``; return ``{name: path}``.
 
         Refuses (``RegistrationInputError``) a folder that already holds any of them unless ``overwrite``;
         each file is written to a temporary name and renamed, and input files are never replaced.
-        ``ddf_itk.nii.gz`` is rebuilt from ``ddf_voxel`` (``ddf_itk`` may have been consumed by a transform).
+        ``ddf_itk`` is rebuilt from ``ddf_voxel`` (``ddf_itk`` may have been consumed by a transform).
+        ``transform.h5`` (and ``inverse_transform.h5``) are ITK composite transforms (fixed -> moving
+        points; the inverse moving -> fixed); ``report``: also ``report.png``; ``image_format``: the
+        extension of the image outputs (:data:`IMAGE_FORMATS`).
         """
+        from regnet_zoo.api.outputs import transforms
+        from regnet_zoo.data.transform_io import write_transform
+
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise RegistrationInputError(f"{out_dir}: output path exists and is not a folder")
-        names = [k for k in OUTPUT_FILES if k != "warped_label" or self.warped_label is not None]
-        paths = {k: out_dir / OUTPUT_FILES[k] for k in names}
+        if report and self.inputs is None:
+            raise RegistrationInputError("a report needs the result's inputs (RegistrationResult.inputs)")
+        has_label, has_inverse = self.warped_label is not None, self.inverse_ddf is not None
+        files = output_names(has_label, has_inverse, report, image_format)
+        paths = {k: out_dir / name for k, name in files.items()}
         existing = [p.name for p in paths.values() if p.exists()]
         if existing and not overwrite:
             raise RegistrationInputError(
@@ -126,9 +180,35 @@ class RegistrationResult:
         atomic_write(paths["ddf_itk"], lambda tmp: sitk.WriteImage(itk_field, str(tmp)), overwrite)
         jac = self.jacobian.as_tensor().float().reshape(1, *self.ddf_voxel.shape[1 : spatial_dims + 1])
         save_image(jac, paths["jacobian"], affine=affine, overwrite=overwrite)
+        forward, backward = transforms(self.ddf_voxel, self.inverse_ddf, affine)
+        write_transform(forward, paths["transform"], overwrite)
+        if backward is not None:
+            write_transform(backward, paths["inverse_transform"], overwrite)
+        if self.fixed_warped is not None:
+            save_image(self.fixed_warped, paths["fixed_warped"], overwrite=overwrite)
         text = metrics_to_json(self.metrics) + "\n"
         atomic_write(paths["metrics"], lambda tmp: tmp.write_text(text), overwrite)
+        if report:
+            self.write_report(paths["report"], overwrite)
         return paths
+
+    def write_report(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The registration picture (:func:`regnet_zoo.report.write_report`) as a PNG at ``path``."""
+        from regnet_zoo.report import write_report
+
+        pair = self.inputs
+        fixed_affine = affine_of(pair.fixed)
+        shape = tuple(pair.fixed.shape[1:])
+        moving_label = None
+        if pair.moving_label is not None:
+            moving_label = warp_physical(pair.moving_label, fixed_affine, shape, nearest=True)
+        names = [Path(s).name for s in self.source_files[:2]]
+        return write_report(
+            path, pair.fixed, moving_on_fixed_grid(pair.fixed, pair.moving), self.warped, self.ddf_voxel,
+            fixed_affine, fixed_label=pair.fixed_label, moving_label=moving_label,
+            warped_label=self.warped_label, jacobian=self.jacobian,
+            title=" <- ".join(names) if len(names) == 2 else "registration", overwrite=overwrite,
+        )  # fmt: skip
 
 
 
@@ -215,9 +295,11 @@ def predict_ddf(
     device: torch.device,
     instance_opt: int = 0,
     instance_loss=None,
-) -> Tensor:
+    inverse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, str]:
     """The network's voxel DDF ``(N, *S)`` on the fixed grid for a (pre-aligned) pair; ``instance_loss``:
-    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps."""
+    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps. With ``inverse``: ``(ddf, inverse ddf, how)``
+    (:func:`regnet_zoo.api.outputs.inverse_from_outputs`)."""
     fixed_shape = tuple(fixed.shape[1:])
     fixed_n = normalise_intensity(fixed, prep.normalize, prep.percentiles, prep.ct_window).to(device)
     moving_n = MetaTensor(
@@ -234,6 +316,10 @@ def predict_ddf(
     ddf = outputs["ddf"][crop].detach().float()
     if tuple(ddf.shape[2:]) != fixed_shape:  # from the working grid (corner-aligned) to the fixed grid
         ddf = resize_ddf(ddf, fixed_shape)
+    if inverse:
+        from regnet_zoo.api.outputs import inverse_from_outputs
+
+        return ddf[0], *inverse_from_outputs(network, outputs, crop, fixed_shape, ddf[0])
     return ddf[0]
 
 
@@ -284,6 +370,7 @@ def register(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     instance_opt: int = 0,
+    inverse: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
 
@@ -291,6 +378,8 @@ def register(
     label maps (paths or tensors ``(1, *S)``). Landmarks: CSV paths or ``(K, N)`` arrays, physical LPS mm,
     rows corresponding. ``weights``: default ``bundles/<method>/models/model.pt``. ``instance_opt``: number
     of Adam steps of test-time optimisation of the network's transform parameters with the bundle's loss.
+    ``inverse``: also the inverse field, its inverse-consistency error in ``metrics`` and the fixed image
+    warped onto the moving grid.
     """
     check_method(method)
     if int(instance_opt) < 0:
@@ -303,7 +392,10 @@ def register(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    ddf = predict_ddf(network, prep, pair.fixed, pair.moving, device, int(instance_opt), instance_loss)
+    predicted = predict_ddf(
+        network, prep, pair.fixed, pair.moving, device, int(instance_opt), instance_loss, inverse
+    )
+    ddf, inverse_ddf, inverse_method = predicted if inverse else (predicted, None, None)
     warped, warped_label, metrics = warp_and_evaluate(pair, ddf)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -312,7 +404,24 @@ def register(
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics["runtime_s"] = time.perf_counter() - start
     metrics["peak_memory_mb"] = peak_mb
-    return _result(pair, ddf.cpu(), warped, warped_label, metrics)
+    result = _result(pair, ddf.cpu(), warped, warped_label, metrics)
+    if inverse_ddf is not None:
+        _add_inverse(result, pair, inverse_ddf.cpu(), inverse_method)
+    return result
+
+
+def _add_inverse(result: RegistrationResult, pair: PairInputs, inverse_ddf: Tensor, how: str) -> None:
+    """Inverse outputs: the consistency error (mm) in ``metrics``; the fixed image on the moving grid."""
+    from regnet_zoo.api.outputs import fixed_on_moving_grid, transforms
+    from regnet_zoo.core.inverse import inverse_consistency_error
+
+    fixed_affine = affine_of(pair.fixed)
+    spacing = spacing_from_affine(fixed_affine, pair.spatial_dims)
+    result.metrics.update(inverse_consistency_error(result.ddf_voxel[None], inverse_ddf[None], spacing))
+    result.metrics["inverse_method"] = how
+    result.inverse_ddf = inverse_ddf
+    _, backward = transforms(result.ddf_voxel, inverse_ddf, fixed_affine)
+    result.fixed_warped = fixed_on_moving_grid(pair.fixed, pair.moving, backward)
 
 
 def _result(
@@ -329,4 +438,5 @@ def _result(
         jacobian=MetaTensor(jac, affine=affine_t),
         metrics=metrics,
         source_files=pair.source_files,
+        inputs=pair,
     )

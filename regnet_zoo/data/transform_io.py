@@ -45,6 +45,7 @@ __all__ = [
     "write_transform",
     "read_transform",
     "transform_to_displacement",
+    "reference_image",
     "transform_points",
     "inverse_transform_points",
     "transform_points_file",
@@ -164,6 +165,18 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
         return displacement_transform(field)
     except RegistrationInputError as err:
         raise RegistrationInputError(f"{path}: {err}") from None
+
+
+def reference_image(affine: np.ndarray, shape) -> sitk.Image:
+    """An (empty) SimpleITK image with the grid of a RAS ``affine`` and spatial ``shape`` (ITK geometry)."""
+    from regnet_zoo.core.geometry import itk_geometry
+
+    image = sitk.Image([int(n) for n in shape], sitk.sitkUInt8)
+    origin, spacing, direction = itk_geometry(affine, len(shape))
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    return image
 
 
 def transform_to_displacement(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
