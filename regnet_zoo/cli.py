@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             "is brought onto the fixed grid through physical space. Writes warped.nii.gz, "
             "[warped_label.nii.gz], ddf_voxel.nii.gz (Learn2Reg: fixed grid, voxel units, vector last), "
             "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz and "
-            "metrics.json into --out."
+            "metrics.json into --out. An affine (or rigid) pre-alignment runs first unless --affine none; "
+            "the fields hold the whole transform (affine then deformable) and the affine alone is written as "
+            "affine.txt (4x4, physical RAS) and affine.tfm (ITK, LPS). Stages and times go to stderr."
         ),
         epilog=LANDMARK_HELP,
     )
@@ -78,8 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="test-time optimisation: Adam steps on the network's transform parameters with its own loss",
     )
+    reg.add_argument(
+        "--affine",
+        choices=("affine", "rigid", "none"),
+        default="affine",
+        help="pre-alignment stage before the network (default: affine; none: off)",
+    )
+    reg.add_argument(
+        "--similarity",
+        choices=("lncc", "ncc", "mi", "mse"),
+        help="similarity of the affine stage (default: the stage's own; mi across modalities)",
+    )
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    reg.add_argument("--quiet", action="store_true", help="do not report the stages and times on stderr")
 
     warp = sub.add_parser(
         "warp",
@@ -141,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------
+def _report(line: str) -> None:
+    print(f"regnet-zoo register: {line}", file=sys.stderr, flush=True)
+
+
 def _register(args: argparse.Namespace) -> int:
     from regnet_zoo.api import OUTPUT_FILES, metrics_to_json, register
 
@@ -163,10 +181,14 @@ def _register(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         instance_opt=args.instance_opt,
+        affine=None if args.affine == "none" else args.affine,
+        affine_options={"similarity": args.similarity} if args.similarity else None,
+        progress=None if args.quiet else _report,
     )
     paths = result.save(out, overwrite=args.overwrite)
     print(metrics_to_json(result.metrics))
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
     return 0
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,16 @@ from regnet_zoo.api.methods import (
     resolve_device,
     weights_path,
 )
-from regnet_zoo.core.geometry import affine_of, lps_to_voxel, spacing_from_affine
-from regnet_zoo.core.metrics import jacobian_determinant, registration_metrics
+from regnet_zoo.core.geometry import (
+    LPS_RAS,
+    affine_ddf,
+    affine_of,
+    as_4x4,
+    from_4x4,
+    lps_to_voxel,
+    spacing_from_affine,
+)
+from regnet_zoo.core.metrics import jacobian_determinant, registration_metrics, tre
 from regnet_zoo.core.spatial import resize_ddf
 from regnet_zoo.data.io import atomic_write, check_pair, metrics_to_json, save_image
 from regnet_zoo.data.preprocess import Preprocessing, network_inputs, normalise_intensity
@@ -58,6 +67,12 @@ __all__ = [
     "prepare_network",
     "predict_ddf",
     "warp_and_evaluate",
+    "affine_stage",
+    "pre_aligned",
+    "total_ddf",
+    "initial_metrics",
+    "itk_affine_transform",
+    "AFFINE_TXT_HEADER",
 ]
 
 #: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label)
@@ -68,7 +83,14 @@ OUTPUT_FILES = {
     "ddf_itk": "ddf_itk.nii.gz",
     "jacobian": "jacobian.nii.gz",
     "metrics": "metrics.json",
+    "affine_txt": "affine.txt",
+    "affine_tfm": "affine.tfm",
 }
+#: header of ``affine.txt``
+AFFINE_TXT_HEADER = (
+    "regnet_zoo affine pre-alignment T: 4x4 homogeneous, physical RAS mm (NIfTI world), maps a fixed point "
+    "p to its moving point T @ p (moving(T p) ~ fixed(p)); 2D: the third axis is a unit placeholder"
+)
 
 
 @dataclass
@@ -79,7 +101,9 @@ class RegistrationResult:
     fixed voxel units), ``ddf_itk`` (SimpleITK vector image, mm, LPS; ``sitk.Resample(moving, fixed,
     sitk.DisplacementFieldTransform(sitk.Image(ddf_itk)))`` reproduces ``warped``), ``jacobian`` ``(*S)``
     (determinant of ``x -> x + ddf(x)``), ``metrics`` (see :func:`evaluate_ddf`, plus ``runtime_s``,
-    ``peak_memory_mb``).
+    ``peak_memory_mb``, ``stage_s``, ``*_initial`` and ``*_affine``), ``affine`` the pre-alignment ``T``
+    (4x4 physical RAS, ``moving(T p) ~ fixed(p)``; None without the affine stage). The fields hold the whole
+    transform, affine then deformable.
     """
 
     warped: MetaTensor
@@ -88,6 +112,7 @@ class RegistrationResult:
     ddf_itk: sitk.Image
     jacobian: MetaTensor
     metrics: dict
+    affine: np.ndarray | None = None
     source_files: tuple[str, ...] = field(default=(), repr=False)
 
     def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
@@ -100,7 +125,10 @@ class RegistrationResult:
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise RegistrationInputError(f"{out_dir}: output path exists and is not a folder")
-        names = [k for k in OUTPUT_FILES if k != "warped_label" or self.warped_label is not None]
+        skip = ({"warped_label"} if self.warped_label is None else set()) | (
+            {"affine_txt", "affine_tfm"} if self.affine is None else set()
+        )
+        names = [k for k in OUTPUT_FILES if k not in skip]
         paths = {k: out_dir / OUTPUT_FILES[k] for k in names}
         existing = [p.name for p in paths.values() if p.exists()]
         if existing and not overwrite:
@@ -128,7 +156,26 @@ class RegistrationResult:
         save_image(jac, paths["jacobian"], affine=affine, overwrite=overwrite)
         text = metrics_to_json(self.metrics) + "\n"
         atomic_write(paths["metrics"], lambda tmp: tmp.write_text(text), overwrite)
+        if self.affine is not None:
+            matrix = as_4x4(self.affine)
+            atomic_write(
+                paths["affine_txt"],
+                lambda tmp: np.savetxt(tmp, matrix, fmt="%.10g", header=AFFINE_TXT_HEADER),
+                overwrite,
+            )
+            transform = itk_affine_transform(matrix, spatial_dims)
+            atomic_write(paths["affine_tfm"], lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
         return paths
+
+
+def itk_affine_transform(matrix: np.ndarray, spatial_dims: int) -> sitk.AffineTransform:
+    """A 4x4 physical RAS map ``T`` (fixed point -> moving point) as an ITK ``AffineTransform`` in LPS: what
+    ``sitk.Resample(moving, fixed, transform)`` uses to resample the moving image onto the fixed grid."""
+    lps = LPS_RAS @ as_4x4(matrix) @ LPS_RAS
+    transform = sitk.AffineTransform(spatial_dims)
+    transform.SetMatrix(lps[:spatial_dims, :spatial_dims].ravel().tolist())
+    transform.SetTranslation(lps[:spatial_dims, 3].tolist())
+    return transform
 
 
 
@@ -237,18 +284,12 @@ def predict_ddf(
     return ddf[0]
 
 
-def warp_and_evaluate(
-    pair: PairInputs, ddf: Tensor, moving_for_warp: MetaTensor | None = None
-) -> tuple[Tensor, MetaTensor | None, dict[str, Any]]:
-    """Warp the moving image (and label) by ``ddf`` ``(N, *S)`` with one interpolation; the metrics.
-
-    ``moving_for_warp``: the moving image to warp (default ``pair.moving``; the pre-aligned one carries the
-    affine stage in its affine). Returns ``(warped (C, *S), warped label or None, metrics)``.
-    """
+def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor | None, dict[str, Any]]:
+    """Warp the moving image (and label) by the whole-transform ``ddf`` ``(N, *S)`` with one interpolation;
+    the metrics. Returns ``(warped (C, *S), warped label or None, metrics)``."""
     fixed_affine = affine_of(pair.fixed)
     fixed_shape = tuple(pair.fixed.shape[1:])
-    moving = pair.moving if moving_for_warp is None else moving_for_warp
-    warped = warp_physical(moving.to(ddf.device), fixed_affine, fixed_shape, ddf)
+    warped = warp_physical(pair.moving.to(ddf.device), fixed_affine, fixed_shape, ddf)
     ddf = ddf.cpu()
     spacing = spacing_from_affine(fixed_affine, pair.spatial_dims)
     metrics: dict[str, Any] = {}
@@ -272,6 +313,85 @@ def warp_and_evaluate(
     return warped, warped_label, metrics
 
 
+def affine_stage(
+    pair: PairInputs, prep: Preprocessing, transform: str, device: torch.device, **options: Any
+) -> np.ndarray:
+    """Pre-alignment: the 4x4 physical (RAS) map ``T`` with ``moving(T p) ~ fixed(p)`` found by
+    :func:`regnet_zoo.core.affine.affine_register` (``transform`` ``"affine"`` / ``"rigid"``, ``options``
+    e.g. ``similarity``) on the intensity-normalised images."""
+    from regnet_zoo.core.affine import affine_register
+
+    if transform not in ("affine", "rigid"):
+        raise RegistrationInputError(f"affine must be 'affine', 'rigid' or None, got {transform!r}")
+    n = pair.spatial_dims
+    fixed_n = normalise_intensity(pair.fixed, prep.normalize, prep.percentiles, prep.ct_window)
+    moving_n = normalise_intensity(pair.moving, prep.normalize, prep.percentiles, prep.ct_window)
+    matrix = affine_register(
+        fixed_n.to(device),
+        moving_n.to(device),
+        torch.as_tensor(from_4x4(affine_of(pair.fixed), n)),
+        torch.as_tensor(from_4x4(affine_of(pair.moving), n)),
+        transform=transform,
+        **options,
+    )
+    return as_4x4(np.asarray(matrix.detach().cpu(), dtype=np.float64))
+
+
+def pre_aligned(image: MetaTensor, matrix: np.ndarray | None) -> MetaTensor:
+    """``image`` resampled through ``matrix`` ``T`` lazily: the same data with the affine ``T^-1 A``."""
+    if matrix is None:
+        return image
+    data = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return MetaTensor(data, affine=torch.as_tensor(np.linalg.inv(matrix) @ affine_of(image)))
+
+
+def total_ddf(ddf: Tensor, matrix: np.ndarray | None, fixed_affine: np.ndarray) -> Tensor:
+    """The whole transform, affine then deformable, as one voxel DDF ``(N, *S)`` on the fixed grid:
+    ``A_f^-1 T A_f (x + d(x)) - x`` (``d``: the network's field relative to the pre-aligned moving image)."""
+    if matrix is None:
+        return ddf
+    n = ddf.shape[0]
+    voxel = from_4x4(np.linalg.inv(fixed_affine) @ matrix @ fixed_affine, n)
+    linear = torch.as_tensor(voxel[:n, :n], device=ddf.device, dtype=torch.float64)
+    moved = torch.einsum("ij,j...->i...", linear, ddf.to(torch.float64))
+    out = affine_ddf(voxel, ddf.shape[1:], dtype=torch.float64, device=ddf.device)[0] + moved
+    return out.to(ddf.dtype)
+
+
+def initial_metrics(pair: PairInputs, matrix: np.ndarray | None = None) -> dict[str, Any]:
+    """Dice / HD95 / TRE before registration (identity in physical space: ``*_initial``) and, with a
+    pre-alignment ``matrix``, after the affine stage alone (``*_affine``)."""
+    out: dict[str, Any] = {}
+    fixed_affine = affine_of(pair.fixed)
+    spacing = spacing_from_affine(fixed_affine, pair.spatial_dims)
+    zero = torch.zeros(pair.spatial_dims, *pair.fixed.shape[1:])
+    stages = [("initial", None)] + ([("affine", matrix)] if matrix is not None else [])
+    for suffix, stage in stages:
+        ddf = total_ddf(zero, stage, fixed_affine)
+        if pair.fixed_label is not None and pair.moving_label is not None:
+            labels = label_metrics(ddf, pair.fixed, pair.fixed_label, pair.moving_label, None, spacing)[0]
+            out[f"dice_mean_{suffix}"], out[f"hd95_mm_{suffix}"] = labels["dice_mean"], labels["hd95_mm"]
+        if pair.fixed_points is not None and stage is not None:
+            fixed_vox = lps_to_voxel(pair.fixed_points, fixed_affine)
+            moving_vox = lps_to_voxel(pair.moving_points, fixed_affine)
+            out[f"tre_mm_{suffix}"] = float(np.mean(tre(fixed_vox, moving_vox, ddf.numpy(), spacing)))
+    return out
+
+
+class _Stages:
+    """Times the named steps of :func:`register` and reports each through ``progress``."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress, self.times, self._last = progress, {}, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = now - self._last
+        self._last = now
+        if self.progress is not None:
+            self.progress(f"{name}: {self.times[name]:.2f} s")
+
+
 def register(
     fixed: ImageLike,
     moving: ImageLike,
@@ -284,6 +404,9 @@ def register(
     weights: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     instance_opt: int = 0,
+    affine: str | None = "affine",
+    affine_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
 
@@ -291,19 +414,37 @@ def register(
     label maps (paths or tensors ``(1, *S)``). Landmarks: CSV paths or ``(K, N)`` arrays, physical LPS mm,
     rows corresponding. ``weights``: default ``bundles/<method>/models/model.pt``. ``instance_opt``: number
     of Adam steps of test-time optimisation of the network's transform parameters with the bundle's loss.
+    ``affine``: the pre-alignment stage, ``"affine"`` (default), ``"rigid"`` or None (off);
+    ``affine_options`` go to :func:`regnet_zoo.core.affine.affine_register` (e.g. ``{"similarity": "mi"}``).
+    The result's fields hold the whole transform (affine then deformable). ``progress``: called with one
+    line per finished step (name and seconds), e.g. ``print`` to stderr.
     """
     check_method(method)
     if int(instance_opt) < 0:
         raise RegistrationInputError(f"instance_opt must be >= 0 steps, got {instance_opt}")
+    affine = None if affine in (None, "none", False) else affine
+    if affine not in (None, "affine", "rigid"):
+        raise RegistrationInputError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
     device = resolve_device(device)
+    stages = _Stages(progress)
     pair = check_inputs(fixed, moving, fixed_label, moving_label, fixed_landmarks, moving_landmarks)
+    stages.done("load inputs")
     network, prep = prepare_network(method, weights, device, pair)
     instance_loss = bundle_instance_loss(method, pair.spatial_dims, device) if instance_opt else None
+    stages.done(f"load {method} network")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    ddf = predict_ddf(network, prep, pair.fixed, pair.moving, device, int(instance_opt), instance_loss)
+    matrix = None
+    if affine is not None:
+        matrix = affine_stage(pair, prep, affine, device, **dict(affine_options or {}))
+        stages.done(f"{affine} pre-alignment")
+    moving = pre_aligned(pair.moving, matrix)
+    ddf = predict_ddf(network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss)
+    extra = f" + {instance_opt} instance-optimisation steps" if instance_opt else ""
+    stages.done(f"{method} network{extra}")
+    ddf = total_ddf(ddf, matrix, affine_of(pair.fixed))
     warped, warped_label, metrics = warp_and_evaluate(pair, ddf)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -312,11 +453,19 @@ def register(
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     metrics["runtime_s"] = time.perf_counter() - start
     metrics["peak_memory_mb"] = peak_mb
-    return _result(pair, ddf.cpu(), warped, warped_label, metrics)
+    stages.done("warp and metrics")
+    metrics.update(initial_metrics(pair, matrix))
+    metrics["stage_s"] = dict(stages.times)
+    return _result(pair, ddf.cpu(), warped, warped_label, metrics, matrix)
 
 
 def _result(
-    pair: PairInputs, ddf: Tensor, warped: Tensor, warped_label: MetaTensor | None, metrics: dict
+    pair: PairInputs,
+    ddf: Tensor,
+    warped: Tensor,
+    warped_label: MetaTensor | None,
+    metrics: dict,
+    matrix: np.ndarray | None = None,
 ) -> RegistrationResult:
     fixed_affine = affine_of(pair.fixed)
     affine_t = torch.as_tensor(fixed_affine)
@@ -328,5 +477,6 @@ def _result(
         ddf_itk=ddf_to_itk(ddf, fixed_affine),
         jacobian=MetaTensor(jac, affine=affine_t),
         metrics=metrics,
+        affine=matrix,
         source_files=pair.source_files,
     )
