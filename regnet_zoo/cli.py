@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
             "transform.h5 (ITK composite transform, fixed -> moving points: sitk.ReadTransform + "
             "sitk.Resample, antsApplyTransforms, Slicer) and metrics.json into --out; with --inverse also "
             "inverse_transform.h5 and fixed_warped.nii.gz (the fixed image on the moving grid), with "
-            "--report report.png."
+            "--report report.png. An affine (or rigid) pre-alignment runs first unless --affine none; "
+            "the fields hold the whole transform (affine then deformable) and the affine alone is written as "
+            "affine.txt (4x4, physical RAS) and affine.tfm (ITK, LPS). Stages and times go to stderr."
         ),
         epilog=LANDMARK_HELP,
     )
@@ -82,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time optimisation: Adam steps on the network's transform parameters with its own loss",
     )
     reg.add_argument(
+        "--affine",
+        choices=("affine", "rigid", "none"),
+        default="affine",
+        help="pre-alignment stage before the network (default: affine; none: off)",
+    )
+    reg.add_argument(
+        "--similarity",
+        choices=("lncc", "ncc", "mi", "mse"),
+        help="similarity of the affine stage (default: the stage's own; mi across modalities)",
+    )
+    reg.add_argument(
         "--inverse",
         action="store_true",
         help="also the inverse transform, the fixed image warped onto the moving grid, and the "
@@ -96,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    reg.add_argument("--quiet", action="store_true", help="do not report the stages and times on stderr")
 
     warp = sub.add_parser(
         "warp",
@@ -172,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------
+def _report(line: str) -> None:
+    print(f"regnet-zoo register: {line}", file=sys.stderr, flush=True)
+
+
 def _register(args: argparse.Namespace) -> int:
     from regnet_zoo.api import metrics_to_json, output_names, register
 
@@ -196,10 +214,14 @@ def _register(args: argparse.Namespace) -> int:
         device=args.device,
         instance_opt=args.instance_opt,
         inverse=args.inverse,
+        affine=None if args.affine == "none" else args.affine,
+        affine_options={"similarity": args.similarity} if args.similarity else None,
+        progress=None if args.quiet else _report,
     )
     paths = result.save(out, overwrite=args.overwrite, report=args.report, image_format=args.format)
     print(metrics_to_json(result.metrics))
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
     return 0
 
 

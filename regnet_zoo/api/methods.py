@@ -118,26 +118,27 @@ def load_method(
     return load_network(name, weights, resolve_device(device), None)
 
 
-def _bundle_parser(name: str, spatial_dims: int):
+def _bundle_parser(name: str, spatial_dims: int, **overrides: Any):
     """The bundle's inference config (its train config when there is none yet)."""
     from regnet_zoo.bundle import bundle_parser
 
     try:
-        return bundle_parser(name, "inference", spatial_dims=spatial_dims)
+        return bundle_parser(name, "inference", spatial_dims=spatial_dims, **overrides)
     except FileNotFoundError:
-        return bundle_parser(name, "train", spatial_dims=spatial_dims)
+        return bundle_parser(name, "train", spatial_dims=spatial_dims, **overrides)
 
 
-def bundle_preprocessing(name: str, spatial_dims: int) -> Preprocessing:
+def bundle_preprocessing(name: str, spatial_dims: int, **overrides: Any) -> Preprocessing:
     """The bundle's preprocessing (:class:`~regnet_zoo.data.preprocess.Preprocessing`).
 
     Read from the ``transforms`` (``pair_transforms`` arguments) of its inference config: ``normalize``,
     ``percentiles``, ``ct_window``, ``spatial_size`` (the working grid, ``image_size`` in the bundles; None =
     the fixed image's own grid), ``pre_align``; ``pad_multiple``: the top-level ``pad_multiple`` or
     ``transforms#pad_multiple`` (``null``: no padding, the network takes any size),
-    :data:`~regnet_zoo.data.preprocess.DEFAULT_PAD_MULTIPLE` when neither is set.
+    :data:`~regnet_zoo.data.preprocess.DEFAULT_PAD_MULTIPLE` when neither is set. ``overrides``: config
+    overrides (``image_size=[64, 64]``).
     """
-    parser = _bundle_parser(name, spatial_dims)
+    parser = _bundle_parser(name, spatial_dims, **overrides)
     raw = parser.get("transforms")
     transforms = raw if isinstance(raw, dict) else {}
 

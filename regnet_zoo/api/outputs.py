@@ -64,16 +64,24 @@ def inverse_from_outputs(
 
 
 def transforms(
-    ddf: Tensor, inverse: Tensor | None, fixed_affine: np.ndarray
+    ddf: Tensor, inverse: Tensor | None, fixed_affine: np.ndarray, matrix: np.ndarray | None = None
 ) -> tuple[sitk.CompositeTransform, sitk.CompositeTransform | None]:
     """ITK composites of the registration (fixed -> moving points) and of its inverse (moving -> fixed).
 
-    ``ddf``, ``inverse``: voxel DDFs ``(N, *S)`` on the fixed grid holding the whole transform.
+    ``ddf``, ``inverse``: the deformable part and its inverse, voxel DDFs ``(N, *S)`` on the fixed grid;
+    ``matrix``: the affine stage ``T`` (4x4 physical RAS, fixed -> moving point; None: none). The forward
+    map is ``x -> T(x + d(x))`` (the deformable field first), the inverse ``y -> z + d^-1(z)``,
+    ``z = T^-1 y``.
     """
-    forward = compose([displacement_transform(ddf_to_itk(ddf, fixed_affine))])
+    from regnet_zoo.api.pipeline import itk_affine_transform
+
+    n = ddf.shape[0]
+    affine = None if matrix is None else itk_affine_transform(matrix, n)
+    forward = compose([displacement_transform(ddf_to_itk(ddf, fixed_affine)), affine])
     backward = None
     if inverse is not None:
-        backward = compose([displacement_transform(ddf_to_itk(inverse, fixed_affine))])
+        inverse_affine = None if matrix is None else itk_affine_transform(np.linalg.inv(matrix), n)
+        backward = compose([inverse_affine, displacement_transform(ddf_to_itk(inverse, fixed_affine))])
     return forward, backward
 
 

@@ -23,6 +23,7 @@ from torch import Tensor
 __all__ = [
     "LPS_RAS",
     "as_4x4",
+    "from_4x4",
     "affine_of",
     "voxel_map",
     "spacing_from_affine",
@@ -58,6 +59,14 @@ def as_4x4(affine: np.ndarray | Tensor | None) -> np.ndarray:
         out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
         return out
     raise ValueError(f"affine must be 3x3 or 4x4, got shape {a.shape}")
+
+
+def from_4x4(affine, spatial_dims: int) -> np.ndarray:
+    """The ``(N+1, N+1)`` homogeneous affine of the first ``N`` axes of a 4x4 one (inverse of :func:`as_4x4`
+    for 2D)."""
+    a = as_4x4(affine)
+    idx = [*range(spatial_dims), 3]
+    return a[np.ix_(idx, idx)]
 
 
 def affine_of(image) -> np.ndarray:
