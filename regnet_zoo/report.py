@@ -244,7 +244,9 @@ def write_report(
         folding = jac <= 0
         if folding.any():
             axes[r, 4].imshow(np.ma.masked_where(~folding, folding.astype(float)), cmap=lime, **overlay)
-        axes[r, 4].set_xlabel(f"folding (green): {int(folding.sum())} px", fontsize=8)
+        axes[r, 4].set_xlabel(
+            f"det J {jac.min():.2f} .. {jac.max():.2f}; folding (green): {int(folding.sum())} px", fontsize=8
+        )
         axes[r, 5].imshow(f, **{**gray, "vmax": 2.0})  # the fixed image, dimmed
         _draw_grid(axes[r, 5], p["ddf_rows"], p["ddf_cols"], step=max(2, min(f.shape) // 16))
         axes[r, 5].set_xlim(-0.5, f.shape[1] - 0.5)
