@@ -21,7 +21,6 @@ from regnet_zoo.data.transform_io import (
     affine_transform,
     compose,
     displacement_transform,
-    ras_to_lps_matrix,
     read_transform,
     transform_points,
     transform_points_file,
@@ -172,17 +171,6 @@ def test_affine_tfm_round_trip_and_linear_only(tmp_path):
         write_transform(displacement_transform(field), tmp_path / "d.tfm")
     with pytest.raises(RegistrationInputError, match="extensions"):
         write_transform(affine_transform(m), tmp_path / "d.json")
-
-
-def test_ras_to_lps_matrix_is_the_same_physical_map():
-    ras = np.eye(4)
-    ras[:3, :3] = _rotation(3, [0.3, 0.0, 0.1])
-    ras[:3, 3] = [5.0, 6.0, 7.0]
-    p_ras = np.array([1.0, 2.0, 3.0, 1.0])
-    q_ras = ras @ p_ras
-    lps = ras_to_lps_matrix(ras)
-    np.testing.assert_allclose(lps @ (FLIP @ p_ras), FLIP @ q_ras)
-    np.testing.assert_allclose(ras_to_lps_matrix(lps), ras)
 
 
 def test_transform_points_file(tmp_path):

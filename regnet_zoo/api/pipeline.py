@@ -257,11 +257,9 @@ class RegistrationResult:
 def itk_affine_transform(matrix: np.ndarray, spatial_dims: int) -> sitk.AffineTransform:
     """A 4x4 physical RAS map ``T`` (fixed point -> moving point) as an ITK ``AffineTransform`` in LPS: what
     ``sitk.Resample(moving, fixed, transform)`` uses to resample the moving image onto the fixed grid."""
-    lps = LPS_RAS @ as_4x4(matrix) @ LPS_RAS
-    transform = sitk.AffineTransform(spatial_dims)
-    transform.SetMatrix(lps[:spatial_dims, :spatial_dims].ravel().tolist())
-    transform.SetTranslation(lps[:spatial_dims, 3].tolist())
-    return transform
+    from regnet_zoo.data.transform_io import affine_transform
+
+    return affine_transform(from_4x4(LPS_RAS @ as_4x4(matrix) @ LPS_RAS, spatial_dims))
 
 
 

@@ -39,7 +39,6 @@ __all__ = [
     "LINEAR_TRANSFORM_SUFFIXES",
     "is_transform_file",
     "affine_transform",
-    "ras_to_lps_matrix",
     "displacement_transform",
     "compose",
     "write_transform",
@@ -58,13 +57,6 @@ TRANSFORM_SUFFIXES = (".h5", ".hdf5") + LINEAR_TRANSFORM_SUFFIXES
 def is_transform_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` names an ITK transform file (by its extension) rather than an image."""
     return file_suffix(path) in TRANSFORM_SUFFIXES
-
-
-def ras_to_lps_matrix(matrix: np.ndarray) -> np.ndarray:
-    """A homogeneous point map ``(N+1, N+1)`` written in RAS coordinates -> the same map in LPS (and back)."""
-    m = np.asarray(matrix, dtype=np.float64)
-    flip = np.diag([-1.0, -1.0] + [1.0] * (m.shape[0] - 2))  # x and y change sign, in 2D as in 3D
-    return flip @ m @ flip
 
 
 def affine_transform(matrix: np.ndarray) -> sitk.AffineTransform:
