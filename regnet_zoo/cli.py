@@ -374,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"regnet-zoo: error: {message}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training stopped on a non-finite loss (the last checkpoint is kept)
+        print(f"regnet-zoo: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("regnet-zoo: interrupted", file=sys.stderr)
         return 130
