@@ -48,7 +48,9 @@ from regnet_zoo.core.losses import diffusion_loss, lncc_loss
 from regnet_zoo.core.metrics import dice_per_label, hd95, jacobian_determinant, registration_metrics
 from regnet_zoo.core.spatial import identity_grid, resize_ddf, sample_image
 from regnet_zoo.data.io import (
+    check_label_count,
     check_pair,
+    check_spacing,
     file_suffix,
     load_image,
     load_label,
@@ -319,6 +321,7 @@ def _as_image(image: ImageLike, name: str, expected_dims: int | None = None) -> 
     data = data.float() if not data.is_floating_point() else data
     if not torch.isfinite(data).all():
         raise RegistrationInputError(f"{name}: image holds non-finite intensities (NaN or inf)")
+    check_spacing(_affine4(image), image.ndim - 1, name)
     meta = (
         {"filename_or_obj": image.meta.get("filename_or_obj", name)} if isinstance(image, MetaTensor) else {}
     )
@@ -333,6 +336,7 @@ def _as_label(label: ImageLike, name: str, expected_dims: int) -> MetaTensor:
         out = _as_image(label, name, expected_dims)
         if not torch.equal(out, out.round()):
             raise RegistrationInputError(f"{name}: label map is not integer-valued")
+        check_label_count(out, name)
         meta = {"filename_or_obj": _source(out, name)}
         out = MetaTensor(out.as_tensor().round().long(), affine=out.affine, meta=meta)
     if out.shape[0] != 1:

@@ -183,7 +183,7 @@ def _warp(args: argparse.Namespace) -> int:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
     fixed = _as_image(args.fixed, "fixed image")
     moving = _as_image(args.moving, "moving image")
-    check_pair(fixed, moving)
+    check_pair(fixed, moving, single_channel=False)  # any image can be warped
     ddf = load_ddf(args.ddf, fixed, args.ddf_type)
     warped = warp_physical(moving, _affine4(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
     if args.nearest and torch.equal(warped, warped.round()):
