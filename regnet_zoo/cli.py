@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from regnet_zoo import METHODS, __version__
-from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.errors import RegistrationInputError, user_error
 from regnet_zoo.label.serve import add_serve_parser, serve_main
 
 __all__ = ["main", "build_parser"]
@@ -380,6 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("regnet-zoo: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # bad input found deep inside (e.g. a bundle's config): still one line
+        inner = user_error(err)
+        if inner is None:
+            raise
+        print(f"regnet-zoo: error: {str(inner).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
