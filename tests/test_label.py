@@ -583,3 +583,28 @@ def test_server_under_100_concurrent_requests(env, tmp_path):
     finally:
         _stop(process)
     assert process.returncode is not None
+
+
+def test_request_guard_scrubs_server_paths_and_checks_the_token(tmp_path):
+    """The guard alone, around a bare app that leaks paths (JSON, text) and serves a binary file."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from regnet_zoo.label.security import RequestGuard
+
+    leak = str(tmp_path / "studies" / "moving.nii.gz")
+    routes = [
+        Route("/json", lambda r: JSONResponse({"detail": f"{leak}: cannot read", "url": "http://x/a/b"})),
+        Route("/text", lambda r: PlainTextResponse(f"see {tmp_path}/work/app.log, line 3")),
+        Route("/bin", lambda r: Response(leak.encode(), media_type="application/octet-stream")),
+    ]
+    app = RequestGuard(Starlette(routes=routes), token="t", hidden_roots=[tmp_path])
+    client = TestClient(app)
+    auth = {"Authorization": "Bearer t"}
+    assert client.get("/json").status_code == 401
+    assert client.get("/json", headers={"Authorization": "t"}).status_code == 401
+    assert client.get("/json", headers=auth).json() == {"detail": "moving.nii.gz: cannot read", "url": "http://x/a/b"}
+    assert client.get("/text", headers=auth).text == "see app.log, line 3"
+    assert client.get("/bin", headers=auth).content == leak.encode()  # files pass through untouched
