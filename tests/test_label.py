@@ -316,17 +316,23 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def test_real_server_over_http(app_env, tmp_path):
+    """The server as a subprocess with a token (from the environment), stopped by PID: the MONAI Label client
+    registers through it, then it takes 100 concurrent requests (a tiny model on a 32 x 32 phantom pair)."""
     import requests
     from monailabel.client import MONAILabelClient
 
     weights = app_env.train_ddrnet()
+    tiny = next(m for m in MODELS if m != "ddrnet")
     port = _free_port()
     studies, log = tmp_path / "studies", tmp_path / "server.log"
     command = [
         sys.executable, "-m", "regnet_zoo.label.serve", "--studies", str(studies), "--port", str(port),
-        "--models", "ddrnet", "--weights", f"ddrnet={weights}", "--log-level", "warning",
+        "--models", f"ddrnet,{tiny}", "--weights", f"ddrnet={weights}",
+        "--weights", f"{tiny}={app_env.root / 'weights' / f'{tiny}.pt'}", "--log-level", "warning",
     ]  # fmt: skip
-    environ = {**app_env.base_environ, "OMP_NUM_THREADS": "1"}  # without the in-process app's settings
+    # without the in-process app's settings; the token from the environment (not visible in `ps`)
+    environ = {**app_env.base_environ, "OMP_NUM_THREADS": "1", "REGNET_ZOO_LABEL_TOKEN": "tok"}
+    auth = {"Authorization": "Bearer tok"}
     with open(log, "wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environ)
     url = f"http://127.0.0.1:{port}"
@@ -336,15 +342,17 @@ def test_real_server_over_http(app_env, tmp_path):
             assert process.poll() is None, f"server exited: {log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"server did not answer: {log.read_text()[-3000:]}"
             try:
-                if requests.get(f"{url}/info/", timeout=5).status_code == 200:
+                if requests.get(f"{url}/info/", headers=auth, timeout=5).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        info = requests.get(f"{url}/info/", timeout=10).json()
-        assert list(info["models"]) == ["ddrnet"] and info["models"]["ddrnet"]["trained"] is True
+        assert requests.get(f"{url}/info/", timeout=10).status_code == 401
+        info = requests.get(f"{url}/info/", headers=auth, timeout=10).json()
+        assert list(info["models"]) == ["ddrnet", tiny] and info["models"]["ddrnet"]["trained"] is True
 
         client = MONAILabelClient(url, tmpdir=str(tmp_path / "client"))
+        client.update_auth({"token_type": "Bearer", "access_token": "tok"})
         (tmp_path / "client").mkdir()
         for image_id in ("fixed", "moving"):
             client.upload_image(str(app_env.inputs[image_id]), image_id)
@@ -362,6 +370,7 @@ def test_real_server_over_http(app_env, tmp_path):
         r = requests.post(
             f"{url}/infer/ddrnet?image=fixed",
             data={"params": json.dumps({"moving": "nosuchimage"})},
+            headers=auth,
             timeout=60,
         )
         assert r.status_code == 404 and "nosuchimage" in r.json()["detail"]
@@ -369,6 +378,8 @@ def test_real_server_over_http(app_env, tmp_path):
         np.testing.assert_allclose(
             np.asarray(nib.load(str(first)).dataobj), np.asarray(nib.load(str(second)).dataobj)
         )
+        _hundred_concurrent_requests(url, auth, tiny, tmp_path)
+        assert process.poll() is None
     finally:
         _stop(process)
     assert process.returncode is not None
@@ -469,120 +480,93 @@ def test_cors_off_unless_configured_and_token_on_every_route(app_env):
         app_env.client = TestClient(build_app(app_env.config), raise_server_exceptions=False)
 
 
-def test_server_under_100_concurrent_requests(env, tmp_path):
-    """A real server (subprocess, token set) gets 100 concurrent requests, good and bad, at once."""
+def _hundred_concurrent_requests(url: str, auth: dict, model: str, tmp_path: Path) -> None:
+    """100 concurrent requests, good and bad, on a running server (token set) serving ``model``: every good
+    one answered correctly (the bytes of a sequential request), every bad one a 4xx, every upload kept."""
     import concurrent.futures
 
     import requests
 
-    model = next(m for m in MODELS if m != "ddrnet")
-    weights = tmp_path / f"{model}.pt"
-    _init_weights(model, weights)
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"))
     blob = lambda c: np.exp(-((grid - np.array(c)[:, None, None]) ** 2).sum(0) / 60)  # noqa: E731
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    arrays = {"fixed": blob((16, 15)), "moving": blob((14, 17)) + 0.3 * blob((20, 10))}
+    arrays = {"tiny_fixed": blob((16, 15)), "tiny_moving": blob((14, 17)) + 0.3 * blob((20, 10))}
     for name, array in arrays.items():
         nib.save(nib.Nifti1Image(array.astype(np.float32), np.eye(4)), str(inputs / f"{name}.nii.gz"))
-    label = (arrays["moving"] > 0.4).astype(np.int16)
-    nib.save(nib.Nifti1Image(label, np.eye(4)), str(inputs / "moving_label.nii.gz"))
+    label = (arrays["tiny_moving"] > 0.4).astype(np.int16)
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(inputs / "tiny_moving_label.nii.gz"))
     uploads = {}
     for i in range(20):
         path = inputs / f"up{i}.nii.gz"
         nib.save(nib.Nifti1Image(rng.random((8, 8)).astype(np.float32), np.eye(4)), str(path))
         uploads[f"up{i}"] = path.read_bytes()
-
-    port, log = _free_port(), tmp_path / "server.log"
-    command = [
-        sys.executable, "-m", "regnet_zoo.label.serve", "--studies", str(tmp_path / "studies"), "--port",
-        str(port), "--models", model, "--weights", f"{model}={weights}", "--log-level", "warning",
-    ]  # fmt: skip
-    environ = {**(env.base_environ or os.environ), "OMP_NUM_THREADS": "1", "REGNET_ZOO_LABEL_TOKEN": "tok"}
-    environ = {k: v for k, v in environ.items() if not k.startswith("MONAI_LABEL_")}
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=environ)
-    url, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer tok"}
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"server exited: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"server did not answer: {log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/info/", headers=auth, timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.3)
-        for name in ("fixed", "moving"):
-            with open(inputs / f"{name}.nii.gz", "rb") as f:
-                r = requests.put(f"{url}/datastore/image?image={name}", files={"file": f}, headers=auth)
-            assert r.status_code == 200, r.text
-        with open(inputs / "moving_label.nii.gz", "rb") as f:
-            r = requests.put(
-                f"{url}/datastore/label?image=moving&tag=final", files={"label": f}, headers=auth, timeout=30
-            )
+    for name in arrays:
+        with open(inputs / f"{name}.nii.gz", "rb") as f:
+            address = f"{url}/datastore/image?image={name}"
+            r = requests.put(address, files={"file": f}, headers=auth, timeout=30)
         assert r.status_code == 200, r.text
+    with open(inputs / "tiny_moving_label.nii.gz", "rb") as f:
+        r = requests.put(
+            f"{url}/datastore/label?image=tiny_moving&tag=final", files={"label": f}, headers=auth, timeout=30
+        )
+    assert r.status_code == 200, r.text
 
-        def infer(result: str, moving: str = "moving", headers=auth, params: str | None = None):
-            params = params or json.dumps({"moving": moving, "result": result})
-            return requests.post(
-                f"{url}/infer/{model}?image=fixed&output=image",
-                data={"params": params},
-                headers=headers,
-                timeout=60,
-            )
+    def infer(result: str, moving: str = "tiny_moving", headers=auth, params: str | None = None):
+        params = params or json.dumps({"moving": moving, "result": result})
+        return requests.post(
+            f"{url}/infer/{model}?image=tiny_fixed&output=image",
+            data={"params": params},
+            headers=headers,
+            timeout=60,
+        )
 
-        results = ("warped", "warped_label", "ddf")
-        reference = {}
-        for result in results:  # sequentially first: the answers every concurrent request must match
-            r = infer(result)
-            assert r.status_code == 200, r.text
-            reference[result] = r.content
-        fixed = nib.load(str(inputs / "fixed.nii.gz"))
-        (tmp_path / "warped.nii.gz").write_bytes(reference["warped"])
-        assert nib.load(str(tmp_path / "warped.nii.gz")).shape == fixed.shape
+    results = ("warped", "warped_label", "ddf")
+    reference = {}
+    for result in results:  # sequentially first: the answers every concurrent request must match
+        r = infer(result)
+        assert r.status_code == 200, r.text
+        reference[result] = r.content
+    fixed = nib.load(str(inputs / "tiny_fixed.nii.gz"))
+    (tmp_path / "warped.nii.gz").write_bytes(reference["warped"])
+    assert nib.load(str(tmp_path / "warped.nii.gz")).shape == fixed.shape
 
-        def upload(image_id: str):
-            files = {"file": (f"{image_id}.nii.gz", uploads[image_id])}
-            address = f"{url}/datastore/image?image={image_id}"
-            return requests.put(address, files=files, headers=auth, timeout=60)
+    def upload(image_id: str):
+        files = {"file": (f"{image_id}.nii.gz", uploads[image_id])}
+        address = f"{url}/datastore/image?image={image_id}"
+        return requests.put(address, files=files, headers=auth, timeout=60)
 
-        jobs = []  # (expected status, expected body or None, call)
-        jobs += [(200, reference[results[i % 3]], lambda i=i: infer(results[i % 3])) for i in range(40)]
-        jobs += [(200, None, lambda k=k: upload(k)) for k in uploads]
-        jobs += [(401, None, lambda: infer("warped", headers={})) for _ in range(8)]
-        wrong = {"Authorization": "Bearer x"}
-        jobs += [(401, None, lambda: infer("warped", headers=wrong)) for _ in range(8)]
-        jobs += [(404, None, lambda: infer("warped", moving="nosuchimage")) for _ in range(8)]
-        jobs += [(400, None, lambda: infer("jacobian")) for _ in range(8)]
-        jobs += [(400, None, lambda: infer("", params="{not json")) for _ in range(8)]
-        assert len(jobs) == 100
-        order = rng.permutation(len(jobs))
-        start = time.monotonic()
-        with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
-            futures = [(jobs[i], pool.submit(jobs[i][2])) for i in order]
-            replies = [(job, future.result(timeout=60)) for job, future in futures]
-        assert time.monotonic() - start < 60
-        for (status, body, _), r in replies:
-            assert r.status_code == status, (status, r.status_code, r.text[:300])
-            if body is not None:
-                assert r.content == body
-            if status >= 400:
-                assert r.json()["detail"]
-                assert str(tmp_path) not in r.text
-        listed = requests.get(f"{url}/datastore/?output=all", headers=auth, timeout=30).json()["objects"]
-        assert set(uploads) <= set(listed)
-        for image_id, data in uploads.items():  # nothing uploaded is lost or mixed up
-            r = requests.get(f"{url}/datastore/image?image={image_id}", headers=auth, timeout=30)
-            assert r.status_code == 200 and r.content == data, image_id
-        assert requests.get(f"{url}/info/", headers=auth, timeout=10).status_code == 200
-        assert infer("ddf").content == reference["ddf"]
-        assert process.poll() is None
-    finally:
-        _stop(process)
-    assert process.returncode is not None
+    jobs = []  # (expected status, expected body or None, call)
+    jobs += [(200, reference[results[i % 3]], lambda i=i: infer(results[i % 3])) for i in range(40)]
+    jobs += [(200, None, lambda k=k: upload(k)) for k in uploads]
+    jobs += [(401, None, lambda: infer("warped", headers={})) for _ in range(8)]
+    wrong = {"Authorization": "Bearer x"}
+    jobs += [(401, None, lambda: infer("warped", headers=wrong)) for _ in range(8)]
+    jobs += [(404, None, lambda: infer("warped", moving="nosuchimage")) for _ in range(8)]
+    jobs += [(400, None, lambda: infer("jacobian")) for _ in range(8)]
+    jobs += [(400, None, lambda: infer("", params="{not json")) for _ in range(8)]
+    assert len(jobs) == 100
+    order = rng.permutation(len(jobs))
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=20) as pool:
+        futures = [(jobs[i], pool.submit(jobs[i][2])) for i in order]
+        replies = [(job, future.result(timeout=60)) for job, future in futures]
+    assert time.monotonic() - start < 60
+    for (status, body, _), r in replies:
+        assert r.status_code == status, (status, r.status_code, r.text[:300])
+        if body is not None:
+            assert r.content == body
+        if status >= 400:
+            assert r.json()["detail"]
+            assert str(tmp_path) not in r.text
+    listed = requests.get(f"{url}/datastore/?output=all", headers=auth, timeout=30).json()["objects"]
+    assert set(uploads) <= set(listed)
+    for image_id, data in uploads.items():  # nothing uploaded is lost or mixed up
+        r = requests.get(f"{url}/datastore/image?image={image_id}", headers=auth, timeout=30)
+        assert r.status_code == 200 and r.content == data, image_id
+    assert requests.get(f"{url}/info/", headers=auth, timeout=10).status_code == 200
+    assert infer("ddf").content == reference["ddf"]
 
 
 def test_request_guard_scrubs_server_paths_and_checks_the_token(tmp_path):

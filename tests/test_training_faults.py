@@ -2,7 +2,7 @@
 weights (bit for bit, CPU, fixed seed); a non-finite loss stops training and keeps the last good checkpoint;
 checkpoint writes are atomic and refuse non-finite weights.
 
-The killed run is a real subprocess (this file run as a script) that sends itself SIGKILL at the start of
+The killed run is a real (forked) process that sends itself SIGKILL at the start of
 one iteration; the data pipeline draws from torch (shuffling, dropout), numpy and Python's ``random``, so
 all three RNG states and the loader order must be restored for equality.
 """
@@ -10,11 +10,10 @@ all three RNG states and the loader order must be restored for equality.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,14 +90,15 @@ def train(folder: Path, resume: bool = False, kill_at: int = 0, loss_function=_m
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
     torch.set_num_threads(1)
     reference = train(tmp_path / "uninterrupted")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    killed = subprocess.run(
-        [sys.executable, __file__, str(tmp_path / "run"), str(KILL_AT)],
-        env=env,
-        capture_output=True,
-        timeout=120,
-    )
-    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    # the killed run: a forked process (no second interpreter start-up) that SIGKILLs itself mid-epoch
+    child = multiprocessing.get_context("fork").Process(target=_killed_run, args=(tmp_path / "run", KILL_AT))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked training run hung")
+    assert child.exitcode == -signal.SIGKILL
     assert latest_checkpoint(tmp_path / "run").name == f"checkpoint_iteration={KILL_AT - 1}.pt"
     assert not list((tmp_path / "run").glob("*.tmp"))
     # control (shows the check can fail): the same checkpoint without its RNG states resumes differently
@@ -157,6 +157,6 @@ def test_weights_writes_are_atomic_and_refuse_nan(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
 
 
-if __name__ == "__main__":  # the killed run of test_sigkill_mid_epoch_then_resume_equals_uninterrupted
-    torch.set_num_threads(1)
-    train(Path(sys.argv[1]), kill_at=int(sys.argv[2]))
+def _killed_run(folder: Path, kill_at: int) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP thread pool
+    train(folder, kill_at=kill_at)
