@@ -104,14 +104,22 @@ def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
     """
     from monai.bundle import run
 
+    from regnet_zoo.errors import user_error
+
     root = bundle_dir(name)
     logging_file = root / "logging.conf"
-    run(
-        config_file=config_files(name, config),
-        meta_file=str(root / "metadata.json"),
-        logging_file=str(logging_file) if logging_file.is_file() else None,
-        **{"bundle_root": str(root), **_overrides(overrides)},
-    )
+    try:
+        run(
+            config_file=config_files(name, config),
+            meta_file=str(root / "metadata.json"),
+            logging_file=str(logging_file) if logging_file.is_file() else None,
+            **{"bundle_root": str(root), **_overrides(overrides)},
+        )
+    except Exception as err:  # MONAI's parser wraps errors of the config's expressions: surface bad input
+        inner = user_error(err)
+        if inner is None or inner is err:
+            raise
+        raise inner from None
 
 
 def _state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from regnet_zoo import METHODS, __version__
-from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.errors import RegistrationInputError, user_error
 from regnet_zoo.label.serve import add_serve_parser, serve_main
 
 __all__ = ["main", "build_parser"]
@@ -238,7 +238,7 @@ def _warp(args: argparse.Namespace) -> int:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
     fixed = as_image(args.fixed, "fixed image")
     moving = as_image(args.moving, "moving image")
-    check_pair(fixed, moving)
+    check_pair(fixed, moving, single_channel=False)  # any image can be warped
     ddf = load_ddf(args.ddf, fixed, args.ddf_type)
     warped = warp_physical(moving, affine_of(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
     if args.nearest and torch.equal(warped, warped.round()):
@@ -440,9 +440,18 @@ def main(argv: list[str] | None = None) -> int:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"regnet-zoo: error: {message}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:  # training stopped on a non-finite loss (the last checkpoint is kept)
+        print(f"regnet-zoo: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("regnet-zoo: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # bad input found deep inside (e.g. a bundle's config): still one line
+        inner = user_error(err)
+        if inner is None:
+            raise
+        print(f"regnet-zoo: error: {str(inner).splitlines()[0]}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from monai.data import MetaTensor
 from torch import Tensor
 
 from regnet_zoo.core.geometry import affine_of, lps_to_voxel, voxel_to_lps
-from regnet_zoo.data.io import load_image, load_label, load_landmarks
+from regnet_zoo.data.io import check_label_count, check_spacing, load_image, load_label, load_landmarks
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = ["ImageLike", "PointsLike", "as_image", "as_label", "as_points", "load_points"]
@@ -35,6 +35,7 @@ def as_image(image: ImageLike, name: str, expected_dims: int | None = None) -> M
     data = data.float() if not data.is_floating_point() else data
     if not torch.isfinite(data).all():
         raise RegistrationInputError(f"{name}: image holds non-finite intensities (NaN or inf)")
+    check_spacing(affine_of(image), image.ndim - 1, name)
     meta = (
         {"filename_or_obj": image.meta.get("filename_or_obj", name)} if isinstance(image, MetaTensor) else {}
     )
@@ -49,6 +50,7 @@ def as_label(label: ImageLike, name: str, expected_dims: int) -> MetaTensor:
         out = as_image(label, name, expected_dims)
         if not torch.equal(out, out.round()):
             raise RegistrationInputError(f"{name}: label map is not integer-valued")
+        check_label_count(out, name)
         meta = {"filename_or_obj": _source(out, name)}
         out = MetaTensor(out.as_tensor().round().long(), affine=out.affine, meta=meta)
     if out.shape[0] != 1:

@@ -19,6 +19,7 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ from regnet_zoo.core.geometry import itk_geometry, lps_to_voxel, voxel_to_lps
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
+    "check_spacing",
+    "check_label_count",
+    "MAX_LABELS",
     "NIFTI_SUFFIXES",
     "SITK_SUFFIXES",
     "NUMPY_SUFFIXES",
@@ -80,8 +84,18 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray, int]:
     The reader is called directly rather than through ``LoadImage``, which on failure retries every
     installed reader (slow, and a page-long error) instead of reporting nibabel's reason.
     """
+    import nibabel as nib
     from monai.data import NibabelReader
 
+    try:  # the raw header: nibabel's loader silently turns a zero voxel size into 1
+        with nib.openers.ImageOpener(str(path)) as f:
+            header = nib.Nifti1Header.from_fileobj(f, check=False)
+        zooms = np.asarray(header["pixdim"][1 : 1 + min(3, int(header["dim"][0]))], dtype=np.float64)
+        unusable = not (np.isfinite(zooms) & (zooms > 0)).all() and int(header["sform_code"]) == 0
+    except Exception:  # NIfTI-2, or a file the reader below reports on
+        unusable = False
+    if unusable:
+        raise _fail(path, f"voxel sizes {zooms.tolist()} in the header are not positive")
     reader = NibabelReader()
     arr, meta = reader.get_data(reader.read(str(path)))
     arr = np.asarray(arr) if dtype is None else np.asarray(arr, dtype=dtype)
@@ -94,7 +108,12 @@ def _read_sitk(path: Path) -> tuple[np.ndarray, np.ndarray, int]:
     """-> (array ``(*S, C)`` in ITK index order, 4x4 RAS affine, spatial rank) via SimpleITK."""
     import SimpleITK as sitk
 
-    img = sitk.ReadImage(str(path))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.ReadImageInformation()  # ITK rejects a zero spacing only with a page of C++ context
+    if not all(math.isfinite(s) and s > 0 for s in reader.GetSpacing()):
+        raise _fail(path, f"voxel spacing {list(reader.GetSpacing())} is not positive and finite")
+    img = reader.Execute()
     rank = img.GetDimension()
     arr = sitk.GetArrayFromImage(img)  # (z, y, x[, comp]) -> index order (x, y, z[, comp])
     if img.GetNumberOfComponentsPerPixel() == 1:
@@ -162,7 +181,40 @@ def _read_any(
         )
     if expected_dims is not None and rank != expected_dims:
         raise _fail(path, f"expected a {expected_dims}D image, got {rank}D (shape {tuple(arr.shape[:-1])})")
+    check_spacing(affine, rank, path)
     return np.moveaxis(arr, -1, 0), affine, rank  # (C, *S)
+
+
+#: voxel sizes outside (MIN_SPACING, MAX_SPACING) mm are rejected: no scanner makes them, and a header that
+#: says so is broken (a flip belongs in the direction matrix, not in a negative spacing)
+MIN_SPACING, MAX_SPACING = 1e-6, 1e6
+#: a "label map" with more distinct labels than this is an image stored as integers
+MAX_LABELS = 1000
+
+
+def check_spacing(affine: np.ndarray | torch.Tensor, spatial_dims: int, name: Any) -> None:
+    """``RegistrationInputError`` unless every voxel size (column norm of ``affine``) is finite and in
+    (``MIN_SPACING``, ``MAX_SPACING``) mm."""
+    matrix = np.asarray(affine, dtype=np.float64)[:spatial_dims, :spatial_dims]
+    spacing = np.linalg.norm(matrix, axis=0)
+    if not np.isfinite(matrix).all() or not ((spacing > MIN_SPACING) & (spacing < MAX_SPACING)).all():
+        shown = [float(f"{s:.4g}") for s in spacing]
+        raise _fail(name, f"voxel spacing {shown} mm is not usable (finite, positive, below {MAX_SPACING:g})")
+    if abs(np.linalg.det(matrix)) < 1e-12 * float(np.prod(spacing)):
+        raise _fail(name, "the image's axes are degenerate (singular direction matrix)")
+
+
+def check_label_count(label: np.ndarray | torch.Tensor, name: Any) -> None:
+    """``RegistrationInputError`` when ``label`` holds more than ``MAX_LABELS`` distinct non-zero values."""
+    arr = (label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)).ravel()
+    if arr.size == 0:
+        return
+    if np.issubdtype(arr.dtype, np.integer) and arr.min() >= 0 and arr.max() < 10**7:
+        count = int(np.count_nonzero(np.bincount(arr.astype(np.int64))[1:]))  # faster than sorting
+    else:
+        count = int(np.count_nonzero(np.unique(arr)))
+    if count > MAX_LABELS:
+        raise _fail(name, f"label map has {count} distinct labels (over {MAX_LABELS}); is this an image?")
 
 
 def _check_finite(path, arr: np.ndarray) -> None:
@@ -217,6 +269,7 @@ def load_label(
         arr = np.round(arr)
     elif not np.issubdtype(arr.dtype, np.integer):
         raise _fail(path, f"label map has non-numeric type {arr.dtype}")
+    check_label_count(arr, path)
     return _meta_tensor(arr.astype(np.int64), affine, path, torch.int64)
 
 
@@ -234,9 +287,14 @@ def _name_of(image: torch.Tensor, fallback: str) -> str:
 
 
 def check_pair(
-    fixed: torch.Tensor, moving: torch.Tensor, fixed_name: str | None = None, moving_name: str | None = None
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    fixed_name: str | None = None,
+    moving_name: str | None = None,
+    single_channel: bool = True,
 ) -> int:
-    """Check that channel-first ``fixed`` ``(C, *S)`` and ``moving`` have the same spatial rank; return it."""
+    """Check that channel-first ``fixed`` ``(C, *S)`` and ``moving`` have the same spatial rank (and, with
+    ``single_channel``, one channel each: a 4D file is read with its 4th axis as channels); return it."""
     fixed_name = fixed_name or _name_of(fixed, "fixed image")
     moving_name = moving_name or _name_of(moving, "moving image")
     nf, nm = spatial_dims_of(fixed), spatial_dims_of(moving)
@@ -248,6 +306,12 @@ def check_pair(
             f"{moving_name}: moving image is {nm}D but the fixed image {fixed_name} is {nf}D; "
             "fixed and moving must have the same dimensionality"
         )
+    for name, image in ((fixed_name, fixed), (moving_name, moving)) if single_channel else ():
+        if image.shape[0] != 1:
+            raise RegistrationInputError(
+                f"{name}: {image.shape[0]} channels (a 4D or vector image?); registration takes "
+                "single-channel 2D or 3D images"
+            )
     return nf
 
 

@@ -117,7 +117,16 @@ class Learn2RegDataset:
         key = {"train": "training", "test": "test"}.get(split)
         if key is None:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        return [self._subject(e) for e in self.info.get(key, [])]
+        return self._existing([self._subject(e) for e in self.info.get(key, [])])
+
+    def _existing(self, entries: list[dict]) -> list[dict]:
+        """``entries`` after checking that every file they name exists (one clear error, not a failure
+        deep inside a data loader)."""
+        for entry in entries:
+            for key, value in entry.items():
+                if key != "keypoint_units" and isinstance(value, str) and not os.path.isfile(value):
+                    raise RegistrationInputError(f"{self.json_path}: {key} file {value} does not exist")
+        return entries
 
     # ------------------------------------------------------------------ pairs
     def _pair(self, fixed: dict | str, moving: dict | str, extra: dict | None = None) -> dict:
@@ -151,13 +160,13 @@ class Learn2RegDataset:
                 entries = self.info["training_paired_images"]
             else:
                 subjects = self.subjects("train")
-                return [self._pair(f, m) for f, m in permutations(subjects, 2)]
+                return self._existing([self._pair(f, m) for f, m in permutations(subjects, 2)])
         else:
             raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
         for e in entries:
             if "fixed" not in e or "moving" not in e:
                 raise RegistrationInputError(f"{self.json_path}: pair entry without fixed/moving: {e}")
-        return [self._pair(e["fixed"], e["moving"], e) for e in entries]
+        return self._existing([self._pair(e["fixed"], e["moving"], e) for e in entries])
 
     def random_pairs(self, n: int, seed: int = 0) -> list[dict]:
         """``n`` random inter-subject pairs (fixed != moving) drawn from the training list."""

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import random
 import re
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,10 @@ __all__ = [
     "format_metrics_table",
     "TrainingCheckpoint",
     "latest_checkpoint",
+    "NonFiniteError",
+    "save_weights_file",
+    "rng_state",
+    "set_rng_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -230,24 +237,98 @@ def spacings_of(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: int
     return [spacing_from_affine(a, spatial_dims) for a in fixed_affines(batchdata, batch_size, spatial_dims)]
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite training loss, gradient or weight: training stops, nothing non-finite is written."""
+
+
+def _non_finite_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Keys (dotted paths) of the floating tensors in a nested state dict that hold NaN or inf."""
+    if isinstance(obj, torch.Tensor):
+        return [prefix or "tensor"] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
+    if isinstance(obj, Mapping):
+        return [k for key, v in obj.items() for k in _non_finite_keys(v, f"{prefix}.{key}".lstrip("."))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in _non_finite_keys(v, f"{prefix}[{i}]")]
+    return []
+
+
+def save_weights_file(obj: Any, path: str | Path) -> Path:
+    """``torch.save(obj, path)`` atomically (temporary file in the same folder + ``os.replace``), refusing
+    (:class:`NonFiniteError`, nothing written) when any floating tensor in ``obj`` is NaN or inf."""
+    path = Path(path)
+    bad = _non_finite_keys(obj)
+    if bad:
+        raise NonFiniteError(f"not writing {path.name}: non-finite values in {', '.join(bad[:3])}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a reader (or a resumed run) sees the old file or the new one, never half
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and CUDA), numpy and Python, as tensors / plain values
+    (loadable with ``torch.load(..., weights_only=True)``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+_CHECKPOINT_NAME = re.compile(r"checkpoint_(epoch|iteration)=(\d+)\.pt$")
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The checkpoint with the highest epoch/iteration number in ``folder`` (``*=N.pt``), or None."""
-    numbered = []
+    """The newest checkpoint in ``folder``: of ``checkpoint_epoch=N.pt`` / ``checkpoint_iteration=N.pt``
+    the highest ``N`` of each kind, the more recently written of the two kinds; None if there is none."""
+    best: dict[str, tuple[int, Path]] = {}
     for path in Path(folder).glob("*.pt"):
-        match = re.search(r"=(\d+)\.pt$", path.name)
+        match = _CHECKPOINT_NAME.search(path.name) or re.search(r"()=(\d+)\.pt$", path.name)
         if match:
-            numbered.append((int(match.group(1)), path))
-    return max(numbered)[1] if numbered else None
+            candidate = (int(match.group(2)), path)
+            best[match.group(1)] = max(best.get(match.group(1), candidate), candidate)
+    if not best:
+        return None
+    return max((p for _, p in best.values()), key=lambda p: p.stat().st_mtime_ns)
 
 
 class TrainingCheckpoint:
-    """Resumable training checkpoints: network, optimizer and trainer state (epoch, iteration).
+    """Resumable training checkpoints: network, optimizer, trainer state (epoch, iteration) and RNG states.
 
-    Saves ``<save_dir>/checkpoint_epoch=N.pt`` every ``interval`` epochs (keeping ``n_saved``) and, when
-    ``resume_from`` is a checkpoint file or ``"latest"`` (the newest in ``save_dir``, if any), restores all of
-    it before training starts, so that the run continues from the saved epoch. ``save=False`` only resumes
-    (e.g. on the non-main processes of a distributed run). Attaching to the trainer itself
-    (rather than listing it in a config's ``save_dict``) avoids a circular reference in bundle configs.
+    Saves ``<save_dir>/checkpoint_epoch=N.pt`` every ``interval`` epochs and, when ``iteration_interval`` > 0,
+    ``checkpoint_iteration=N.pt`` every ``iteration_interval`` iterations (keeping the ``n_saved`` newest of
+    each kind). Every write is atomic and refuses non-finite weights (:func:`save_weights_file`).
+    When ``resume_from`` is a checkpoint file or ``"latest"`` (the newest in ``save_dir``, if any), all of it
+    is restored before training starts. A run resumed mid-epoch continues as the uninterrupted run would:
+    the torch / numpy / Python RNG states at the start of the epoch are restored, the data loader is
+    re-created (same shuffling order) and the batches already trained on are skipped, then the RNG states of
+    the checkpoint's moment are restored (exact for ``num_workers=0``; MONAI transforms with their own
+    ``RandomState`` are not covered). ``save=False`` only resumes (non-main processes of a distributed run).
+    Attaching to the trainer itself (rather than listing it in a config's ``save_dict``) avoids a circular
+    reference in bundle configs.
     """
 
     def __init__(
@@ -260,18 +341,15 @@ class TrainingCheckpoint:
         resume_from: str | Path | None = None,
         lr_scheduler: Any = None,
         save: bool = True,
+        iteration_interval: int = 0,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.save = save
         self.network, self.optimizer, self.lr_scheduler = network, optimizer, lr_scheduler
-        self.interval, self.n_saved = interval, n_saved
+        self.interval, self.iteration_interval, self.n_saved = interval, iteration_interval, n_saved
         self.resume_from = resume_from
-
-    def _objects(self, engine: Engine) -> dict[str, Any]:
-        objects = {"model": self.network, "optimizer": self.optimizer, "trainer": engine}
-        if self.lr_scheduler is not None:
-            objects["lr_scheduler"] = self.lr_scheduler
-        return objects
+        self._epoch_rng: dict | None = None  # RNG states at the start of the current epoch
+        self._pending_rng: dict | None = None  # RNG states of the checkpoint being resumed
 
     def resume_path(self) -> Path | None:
         """The checkpoint that will be restored (None: start from scratch)."""
@@ -285,18 +363,65 @@ class TrainingCheckpoint:
         return path
 
     def attach(self, engine: Engine) -> None:
-        from monai.handlers import CheckpointLoader, CheckpointSaver
-
-        objects = self._objects(engine)
         path = self.resume_path()
         if path is not None:
-            logger.info(f"resuming training from {path}")
-            CheckpointLoader(load_path=str(path), load_dict=objects, map_location="cpu").attach(engine)
+            engine.add_event_handler(Events.STARTED, self._resume, path)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         if self.save and self.interval > 0:
-            CheckpointSaver(
-                save_dir=str(self.save_dir),
-                save_dict=objects,
-                save_interval=self.interval,
-                epoch_level=True,
-                n_saved=self.n_saved,
-            ).attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._save, "epoch")
+        if self.save and self.iteration_interval > 0:
+            engine.add_event_handler(
+                Events.ITERATION_COMPLETED(every=self.iteration_interval), self._save, "iteration"
+            )
+
+    def _resume(self, engine: Engine, path: Path) -> None:
+        logger.info(f"resuming training from {path}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.network.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and "lr_scheduler" in state:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        max_epochs = engine.state.max_epochs
+        engine.load_state_dict(state["trainer"])
+        if engine.state.epoch > max_epochs:
+            raise ValueError(f"{path.name} is at epoch {engine.state.epoch}, past max_epochs={max_epochs}")
+        engine.state.max_epochs = max_epochs  # a resumed run may train for more epochs than the saved one
+        self._pending_rng = state.get("rng")
+
+    def _epoch_started(self, engine: Engine) -> None:
+        rng, self._pending_rng = self._pending_rng, None
+        done = engine.state.iteration % engine.state.epoch_length if engine.state.epoch_length else 0
+        epoch_rng = rng.get("epoch_start") if rng is not None else None
+        if done and epoch_rng is not None and engine.state.dataloader is not None:
+            # mid-epoch resume: the epoch's loader order again, minus the batches already trained on
+            # (ignite would restart the loader from its first batch); uses ignite's loader-iterator slots
+            set_rng_state(epoch_rng)
+            self._epoch_rng = epoch_rng
+            iterator = iter(engine.state.dataloader)
+            for _ in range(done):
+                next(iterator)
+            engine._dataloader_iter, engine._init_iter = iterator, done
+            set_rng_state(rng["now"])
+            return
+        if rng is not None:
+            set_rng_state(rng["now"])
+        self._epoch_rng = rng_state()
+
+    def _save(self, engine: Engine, kind: str) -> None:
+        state = {
+            "model": self.network.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "trainer": engine.state_dict(),
+            "rng": {"now": rng_state(), "epoch_start": self._epoch_rng},
+        }
+        if self.lr_scheduler is not None:
+            state["lr_scheduler"] = self.lr_scheduler.state_dict()
+        number = engine.state.epoch if kind == "epoch" else engine.state.iteration
+        save_weights_file(state, self.save_dir / f"checkpoint_{kind}={number}.pt")
+        older = sorted(
+            (int(m.group(2)), p)
+            for p in self.save_dir.glob(f"checkpoint_{kind}=*.pt")
+            if (m := _CHECKPOINT_NAME.search(p.name))
+        )
+        for _, old in older[: -self.n_saved] if self.n_saved > 0 else []:
+            old.unlink(missing_ok=True)

@@ -17,13 +17,14 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
-from regnet_zoo.engines.handlers import spacings_of
+from regnet_zoo.engines.handlers import NonFiniteError, spacings_of
 from regnet_zoo.engines.metrics import pair_metrics
 
 __all__ = ["BATCH_KEYS", "prepare_registration_batch", "RegistrationTrainer", "RegistrationEvaluator"]
@@ -91,6 +92,17 @@ class RegistrationTrainer(SupervisedTrainer):
             decollate=decollate,
             **kwargs,
         )
+        # before every other COMPLETED handler (e.g. the final model saver): never finish with bad weights
+        self.add_event_handler(Events.COMPLETED, _check_finite_weights)
+        handlers = self._event_handlers[Events.COMPLETED]
+        handlers.insert(0, handlers.pop())
+
+    def _handle_exception(self, e: BaseException) -> None:
+        # a non-finite loss skips the EXCEPTION_RAISED handlers: MONAI's CheckpointSaver(save_final) would
+        # write the current weights there; the caller gets the one-line error
+        if isinstance(e, NonFiniteError):
+            raise e
+        super()._handle_exception(e)
 
     def _iteration(self, engine: SupervisedTrainer, batchdata: Mapping[str, Any]) -> dict:
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -109,8 +121,10 @@ class RegistrationTrainer(SupervisedTrainer):
             engine.state.output[Keys.LOSS] = loss
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss at iteration {engine.state.iteration}: {losses}"
+            terms = {k: float(v) for k, v in losses.items()}
+            raise NonFiniteError(
+                f"non-finite training loss at iteration {engine.state.iteration} ({terms}); training "
+                "stopped, the last checkpoint is kept"
             )
         if use_amp:
             engine.scaler.scale(loss).backward()
@@ -120,6 +134,7 @@ class RegistrationTrainer(SupervisedTrainer):
         else:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            _check_finite_grads(engine)  # one bad step would make every weight NaN
             engine.optimizer.step()
         engine.state.output = {
             Keys.LOSS: loss.detach(),
@@ -128,6 +143,22 @@ class RegistrationTrainer(SupervisedTrainer):
         }
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
+
+
+def _check_finite_grads(engine: SupervisedTrainer) -> None:
+    for name, param in engine.network.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            raise NonFiniteError(
+                f"non-finite gradient of {name} at iteration {engine.state.iteration}; training stopped, "
+                "the last checkpoint is kept"
+            )
+
+
+def _check_finite_weights(engine: SupervisedTrainer) -> None:
+    state = engine.network.state_dict()
+    bad = [n for n, p in state.items() if p.is_floating_point() and not p.isfinite().all()]
+    if bad:
+        raise NonFiniteError(f"non-finite weights after training ({', '.join(bad[:3])}); not saved")
 
 
 class RegistrationEvaluator(SupervisedEvaluator):

@@ -6,7 +6,10 @@ MONAI Label hands an app its configuration as a flat ``{str: str}`` dict (``--co
 - ``models``: comma-separated bundle names, or ``all`` (default): every method whose bundle folder exists;
 - ``weights``: comma-separated ``name=path`` pairs of trained weight files (state dict or trainer checkpoint);
 - ``device``: torch device for inference and training (default ``cpu``);
-- ``work_dir``: folder for training runs, trained weights and logs (default ``<studies>/.regnet_zoo``).
+- ``work_dir``: folder for training runs, trained weights and logs (default ``<studies>/.regnet_zoo``);
+- ``cache_mb`` / ``cache_entries``: bound of each model's cache of registration results (default 512 MiB, 32).
+
+The server's access settings (token, CORS origins, address) are options of ``regnet-zoo serve``, not ``conf``.
 
 This module does not import MONAI Label, so the CLI can validate options without it.
 """
@@ -81,6 +84,8 @@ class LabelAppConfig:
     weights: dict[str, Path] = field(default_factory=dict)
     device: str = "cpu"
     work_dir: Path | None = None
+    cache_mb: float = 512.0
+    cache_entries: int = 32
 
     def __post_init__(self) -> None:
         self.studies = Path(self.studies)
@@ -98,6 +103,8 @@ class LabelAppConfig:
             weights=parse_weights(conf.get("weights")),
             device=str(conf.get("device") or "cpu"),
             work_dir=Path(work_dir).expanduser().resolve() if work_dir else None,
+            cache_mb=float(conf.get("cache_mb") or 512.0),
+            cache_entries=int(conf.get("cache_entries") or 32),
         )
 
     def to_conf(self) -> dict[str, str]:
@@ -107,6 +114,8 @@ class LabelAppConfig:
             "weights": ",".join(f"{k}={v}" for k, v in self.weights.items()),
             "device": self.device,
             "work_dir": str(self.work_dir),
+            "cache_mb": str(self.cache_mb),
+            "cache_entries": str(self.cache_entries),
         }
 
     def trained_weights(self, name: str) -> Path:

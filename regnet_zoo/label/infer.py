@@ -12,6 +12,11 @@ Request (``POST /infer/<model>?image=<fixed id>`` with form field ``params``)::
   vector image; ITK / SimpleITK / 3D Slicer read it as a displacement-field transform (fixed -> moving
   points, so it resamples the moving image onto the fixed one).
 
+One registration per pair serves every result type: results are kept in a bounded LRU
+(:class:`~regnet_zoo.label.cache.ResultCache`, ``cache_mb`` of the app config) keyed by model, pair and
+options and invalidated when the fixed or moving image, the moving label or the weights file changes.
+Responses name files by their base name only (never a server path).
+
 ``instance_opt``: Adam steps of test-time optimisation of the network's transform on this pair (bundle loss).
 ``affine``: the pre-alignment stage of :func:`regnet_zoo.api.register` (default ``"affine"``, ``"none"``:
 off); the outputs hold the whole transform. Preprocessing is register's (``regnet_zoo.data.preprocess``).
@@ -37,6 +42,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from regnet_zoo import bundle_dir
 from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.label.cache import ResultCache, file_stamp
 from regnet_zoo.label.config import LabelAppConfig
 
 __all__ = ["RESULT_TYPES", "RegistrationInferTask", "image_shape", "image_spatial_dims", "label_uri"]
@@ -106,6 +112,7 @@ class RegistrationInferTask(InferTask):
         self.method = method
         self.app_config = config
         self._datastore = datastore
+        self.cache = ResultCache(max_bytes=int(config.cache_mb * 2**20), max_entries=config.cache_entries)
 
     # MONAI Label lists a model in /info/ when its task is valid: here, when its bundle exists
     def is_valid(self) -> bool:
@@ -116,7 +123,7 @@ class RegistrationInferTask(InferTask):
 
     def info(self) -> dict[str, Any]:
         out = super().info()
-        out["weights"] = str(self.app_config.weights_of(self.method))
+        out["weights"] = self.app_config.weights_of(self.method).name  # no server paths to clients
         out["trained"] = self.app_config.weights_of(self.method).is_file()
         out["results"] = list(RESULT_TYPES)
         return out
@@ -138,9 +145,8 @@ class RegistrationInferTask(InferTask):
             raise HTTPException(
                 status_code=404, detail=f"moving image {moving_id!r} not found in the datastore"
             )
-        label_path = None
+        label_path = label_uri(datastore, moving_id) or None  # always: one registration serves all results
         if need_label:
-            label_path = label_uri(datastore, moving_id)
             if not label_path:
                 raise HTTPException(
                     status_code=404,
@@ -172,7 +178,7 @@ class RegistrationInferTask(InferTask):
         if not weights.is_file():
             raise HTTPException(
                 status_code=409,
-                detail=f"model {self.method!r} has no trained weights ({weights} not found); train it "
+                detail=f"model {self.method!r} has no trained weights ({weights.name} not found); train it "
                 f"first (POST /train/{self.method} or `regnet-zoo train {self.method}`) or pass --weights",
             )
         instance_opt = request.get("instance_opt") or 0
@@ -200,29 +206,35 @@ class RegistrationInferTask(InferTask):
             raise HTTPException(
                 status_code=400, detail=f"params.device {device!r} is not a torch device"
             ) from err
+        key = (str(fixed_path), moving_path, instance_opt, device, affine)
         try:
-            result = register(
-                str(fixed_path),
-                moving_path,
-                method=self.method,
-                moving_label=moving_label,
-                weights=weights,
-                device=device,
-                instance_opt=instance_opt,
-                affine=None if affine == "none" else affine,
+            stamp = tuple(file_stamp(p) for p in (fixed_path, moving_path, moving_label, weights))
+            result = self.cache.get_or_compute(
+                key,
+                stamp,
+                lambda: register(
+                    str(fixed_path),
+                    moving_path,
+                    method=self.method,
+                    moving_label=moving_label,
+                    weights=weights,
+                    device=device,
+                    instance_opt=instance_opt,
+                    affine=None if affine == "none" else affine,
+                ),
             )
         except RegistrationInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from err
         except FileNotFoundError as err:
             if weights.is_file():  # a server-side problem (e.g. a bundle file): stays a 500
                 raise
-            raise HTTPException(status_code=409, detail=f"model {self.method!r}: {err}") from err
+            raise HTTPException(status_code=409, detail=f"model {self.method!r}: weights not found") from err
         out = self._write(result, result_type)
         params = {
             "model": self.method,
             "moving": moving_id,
             "result": result_type,
-            "weights": str(weights),
+            "weights": weights.name,
             "instance_opt": instance_opt,
             "affine": affine,
             "shape": list(result.ddf_voxel.shape[1:]),
@@ -243,6 +255,8 @@ class RegistrationInferTask(InferTask):
         if result_type == "warped":
             save_image(result.warped, name, affine=affine)
         elif result_type == "warped_label":
+            if result.warped_label is None:  # the label was removed since: nothing to warp
+                raise HTTPException(status_code=404, detail="the moving image has no label (warped_label)")
             save_image(result.warped_label.as_tensor().to(torch.int32), name, affine=affine)
         else:
             sitk.WriteImage(result.ddf_itk, name)

@@ -4,9 +4,15 @@ Hook into an argparse CLI with :func:`add_serve_parser` (it sets ``func=serve_ma
 Also runnable as ``python -m regnet_zoo.label.serve --studies DIR``.
 
 What it does (the same as ``monailabel start_server --app <regnet_zoo/label> --studies DIR --conf ...``, minus
-that command's writes into the app folder): set MONAI Label's settings (also exported to the environment, as
-MONAI Label does, so its training subprocesses see them), keep logs and sessions in the app's ``work_dir``
-(default ``<studies>/.regnet_zoo``) and run ``uvicorn`` on ``monailabel.app:app``.
+that command's writes into the app folder, with safer defaults): set MONAI Label's settings (also exported
+to the environment, as MONAI Label does, so its training subprocesses see them), keep logs and sessions in
+the app's ``work_dir``
+(default ``<studies>/.regnet_zoo``) and run ``uvicorn`` on MONAI Label's app secured by :func:`build_app`.
+
+Security defaults: listens on 127.0.0.1 only; no CORS headers (browsers on other origins cannot call it)
+unless ``--cors-origin`` names origins; a token (``--token`` or the ``REGNET_ZOO_LABEL_TOKEN`` environment
+variable) required as ``Authorization: Bearer <token>`` on every route when set; no absolute server path in
+any reply; MONAI Label's ``/logs`` and ``/proxy`` routes are not served.
 """
 
 from __future__ import annotations
@@ -17,11 +23,24 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from regnet_zoo.label import APP_DIR
 from regnet_zoo.label.config import LabelAppConfig, parse_models, parse_weights
+from regnet_zoo.label.security import TOKEN_ENV, RequestGuard
 
-__all__ = ["add_serve_parser", "serve_main", "serve", "configure_monailabel", "INSTALL_HINT", "main"]
+__all__ = [
+    "add_serve_parser",
+    "serve_main",
+    "serve",
+    "build_app",
+    "configure_monailabel",
+    "INSTALL_HINT",
+    "main",
+]
+
+#: MONAI Label routes not served: server logs (full of paths) and an open HTTP proxy
+DROPPED_ROUTES = ("/logs", "/proxy")
 
 INSTALL_HINT = (
     "MONAI Label is not installed; install the label extra: pip install -e '.[label]' && "
@@ -64,6 +83,20 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "--work-dir", default=None, help="logs, sessions and training runs (default: <studies>/.regnet_zoo)"
     )
     parser.add_argument(
+        "--token",
+        default=None,
+        help=f"require 'Authorization: Bearer TOKEN' on every request (default: ${TOKEN_ENV}; prefer the "
+        "environment variable: command lines are visible to other users)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from this origin, e.g. http://localhost:3000 (repeatable; "
+        "default: none)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"], help="server log level"
     )
 
@@ -96,6 +129,41 @@ def configure_monailabel(config: LabelAppConfig, port: int, log_level: str = "in
     return init_log_config(None, str(work_dir), "app.log", log_level.upper())
 
 
+def build_app(
+    config: LabelAppConfig, token: str | None = None, cors_origins: Sequence[str] = ()
+) -> Any:
+    """MONAI Label's FastAPI app with regnet_zoo's access rules (see the module docstring); call after
+    :func:`configure_monailabel`. Idempotent: each call replaces the previous call's rules."""
+    import tempfile
+
+    from fastapi.middleware.cors import CORSMiddleware
+    from monailabel.app import app
+
+    app.user_middleware = [m for m in app.user_middleware if m.cls not in (CORSMiddleware, RequestGuard)]
+    app.router.routes = [
+        r for r in app.router.routes if not str(getattr(r, "path", "")).startswith(DROPPED_ROUTES)
+    ]
+    app.middleware_stack = None  # rebuilt with the middleware below on the next request
+    if cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "PUT", "DELETE", "HEAD"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    hidden = [config.studies, config.work_dir, APP_DIR.parents[1], tempfile.gettempdir(), sys.prefix]
+    hidden += [p.parent for p in config.weights.values()] + [Path.home()]
+    app.add_middleware(RequestGuard, token=token or None, hidden_roots=hidden)  # outermost: runs first
+    app.add_exception_handler(json.JSONDecodeError, _bad_params)  # MONAI Label: a 500
+    return app
+
+
+async def _bad_params(request: Any, err: json.JSONDecodeError) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": f"params is not valid JSON ({err.msg})"}, status_code=400)
+
+
 def serve(
     studies: str | os.PathLike,
     host: str = "127.0.0.1",
@@ -105,11 +173,13 @@ def serve(
     device: str = "cpu",
     work_dir: str | os.PathLike | None = None,
     log_level: str = "info",
+    token: str | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> int:
     """Run the MONAI Label server until it is stopped (Ctrl-C / SIGTERM); return an exit status.
 
-    ``models``: ``"ddrnet,pwc"``, a list, or ``"all"``; ``weights``: ``["ddrnet=/p/model.pt", ...]``.
-    Bad options print one line to stderr and return 2.
+    ``models``: ``"ddrnet,pwc"``, a list, or ``"all"``; ``weights``: ``["ddrnet=/p/model.pt", ...]``;
+    ``token``: default ``$REGNET_ZOO_LABEL_TOKEN``. Bad options print one line to stderr and return 2.
     """
     try:
         import uvicorn  # noqa: F401
@@ -142,15 +212,20 @@ def serve(
         device=device,
         work_dir=Path(work_dir).expanduser().resolve() if work_dir else None,
     )
+    token = token or os.environ.get(TOKEN_ENV) or None
     log_config = configure_monailabel(config, port, log_level)
+    app = build_app(config, token, cors_origins)
+    if not token and host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"regnet-zoo serve: warning: listening on {host} without a token (--token / ${TOKEN_ENV})")
     print(
         f"regnet-zoo serve: MONAI Label on http://{host}:{port}/ (models: {', '.join(model_list)}; "
-        f"studies: {studies}; logs: {Path(config.work_dir) / 'logs'})",
+        f"studies: {studies}; logs: {Path(config.work_dir) / 'logs'}; token: {'yes' if token else 'no'}; "
+        f"CORS origins: {', '.join(cors_origins) or 'none'})",
         flush=True,
     )
     import uvicorn
 
-    uvicorn.run("monailabel.app:app", host=host, port=int(port), log_level=log_level, log_config=log_config)
+    uvicorn.run(app, host=host, port=int(port), log_level=log_level, log_config=log_config)
     return 0
 
 
@@ -165,6 +240,8 @@ def serve_main(args: argparse.Namespace) -> int:
         device=args.device,
         work_dir=args.work_dir,
         log_level=args.log_level,
+        token=args.token,
+        cors_origins=args.cors_origin,
     )
 
 

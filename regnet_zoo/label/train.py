@@ -93,7 +93,7 @@ class RegistrationTrainTask(TrainTask):
         weights = self.app_config.trained_weights(self.method)
         if not weights.is_file():
             return {}
-        return {"weights": str(weights), "modified": int(weights.stat().st_mtime)}
+        return {"weights": weights.name, "modified": int(weights.stat().st_mtime)}
 
     def __call__(self, request: dict, datastore: Datastore) -> dict[str, Any]:
         from regnet_zoo.bundle import run_bundle
@@ -129,6 +129,6 @@ class RegistrationTrainTask(TrainTask):
             "model": self.method,
             "images": count,
             "spatial_dims": spatial_dims,
-            "weights": str(weights),
+            "weights": str(weights.relative_to(self.app_config.work_dir)),  # no server paths to clients
             "seconds": round(time.perf_counter() - start, 1),
         }
