@@ -361,10 +361,11 @@ class DDRNet(nn.Module):
         )
         var_g = var_g * scale.to(var_g.device).reshape(1, -1, *([1] * self.spatial_dims))
         log_var = torch.log(0.25 * (var_g + merge_chunks(log_var_c.exp(), layout, weights)))
-        ddf = scaling_and_squaring(svf, self.integration_steps)
-        out["ddf"] = crop_from_layout(ddf, layout)
-        out["warped"] = warp_image(moving, out["ddf"])
+        # integrated on the input grid (not the padded one), as outputs_from_parameters does: the field
+        # then depends on the SVF inside the image only, and instance optimisation reproduces it
         out["velocity"] = crop_from_layout(svf, layout)
+        out["ddf"] = scaling_and_squaring(out["velocity"], self.integration_steps)
+        out["warped"] = warp_image(moving, out["ddf"])
         out["velocity_mean"] = crop_from_layout(mean, layout)
         out["velocity_log_var"] = crop_from_layout(log_var, layout)
         return out
