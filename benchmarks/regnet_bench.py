@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from regnet_zoo.data.io import load_image
+from regnet_zoo.data.regnet_crop import RegNetSyntheticCropd
 from regnet_zoo.data.synthetic import deform_pair
-from regnet_zoo.networks.regnet import RegNet, RegNetLoss, RegNetSyntheticCropd, dvf_mae
+from regnet_zoo.networks.regnet import RegNet, RegNetLoss, dvf_mae
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
