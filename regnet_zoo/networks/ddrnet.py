@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from regnet_zoo.core.integration import scaling_and_squaring
-from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, one_hot_labels, soft_dice_loss
+from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, warped_label_dice_loss
 from regnet_zoo.core.spatial import resize_ddf, warp_image
 from regnet_zoo.networks.pair import split_pair
 from regnet_zoo.networks.unet import RegistrationUNet
@@ -471,8 +471,6 @@ class DDRNetLoss(nn.Module):
             and batch.get("moving_label") is not None
         ):
             fixed_label, moving_label = batch["fixed_label"], batch["moving_label"]
-            values = torch.unique(torch.cat([fixed_label.flatten(), moving_label.flatten()]))
-            warped_onehot = warp_image(one_hot_labels(moving_label, values), outputs["ddf"])
-            terms["dice"] = soft_dice_loss(warped_onehot, one_hot_labels(fixed_label, values))
+            terms["dice"] = warped_label_dice_loss(outputs["ddf"], fixed_label, moving_label)
             total = total + self.dice_weight * terms["dice"]
         return {"loss": total, **terms}
