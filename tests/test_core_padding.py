@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from regnet_zoo.core.padding import pad_to_multiple
+from regnet_zoo.core.padding import pad_to_multiple, replicate_pad
 
 NUMPY_MODE = {"constant": "constant", "replicate": "edge", "reflect": "reflect"}
 
@@ -37,3 +37,11 @@ def test_pad_to_multiple_keeps_fitting_sizes_and_checks_arguments():
         pad_to_multiple(x, 4, mode="circular-ish")
     with pytest.raises(ValueError, match="multiple"):
         pad_to_multiple(x, (4, 4, 4))
+
+
+def test_replicate_pad_of_any_dimensions_matches_numpy_edge():
+    x = torch.rand(2, 3, 4, 5, 6, dtype=torch.float64)  # e.g. (B, D, D, H, W): a 2D cost volume
+    for dims, pad in (((1, 2), 2), ((3,), 1), ((1, 2, 3, 4), 3)):
+        widths = [(pad, pad) if d in dims else (0, 0) for d in range(x.ndim)]
+        np.testing.assert_array_equal(replicate_pad(x, dims, pad).numpy(), np.pad(x.numpy(), widths, "edge"))
+    assert replicate_pad(x, (1,), 0) is x

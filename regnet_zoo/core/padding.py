@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["pad_to_multiple"]
+__all__ = ["pad_to_multiple", "replicate_pad"]
 
 _MODES = ("constant", "replicate", "reflect")
 
@@ -42,3 +43,18 @@ def pad_to_multiple(
     # F.pad lists the last axis first
     flat = [p for b, a in zip(reversed(before), reversed(after), strict=True) for p in (b, a)]
     return F.pad(x, flat, mode=mode), index
+
+
+def replicate_pad(x: Tensor, dims: Sequence[int], pad: int) -> Tensor:
+    """Repeat the first and last slice of ``x`` ``pad`` times along each of the tensor dimensions ``dims``.
+
+    Any dimensions of any tensor (``F.pad`` replicates only the trailing 2 or 3 axes of 4D / 5D tensors):
+    e.g. the displacement axes of a ``(B, *D, *S)`` cost volume.
+    """
+    if pad == 0:
+        return x
+    for dim in dims:
+        repeat = [pad if d == dim else -1 for d in range(x.ndim)]
+        first, last = x.narrow(dim, 0, 1).expand(*repeat), x.narrow(dim, x.shape[dim] - 1, 1).expand(*repeat)
+        x = torch.cat([first, x, last], dim=dim)
+    return x

@@ -28,6 +28,7 @@ from torch.utils.checkpoint import checkpoint
 
 from regnet_zoo.core.integration import scaling_and_squaring
 from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, warped_label_dice_loss
+from regnet_zoo.core.padding import replicate_pad
 from regnet_zoo.core.spatial import resize_ddf, warp_image
 from regnet_zoo.networks.pair import split_pair
 from regnet_zoo.networks.unet import RegistrationUNet
@@ -196,15 +197,9 @@ def downsample_image(x: Tensor, size: Sequence[int]) -> Tensor:
         shape = [1] * spatial_dims
         shape[axis] = 3
         weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
-        x = conv(_replicate_pad(x, axis), weight, groups=channels)
+        x = conv(replicate_pad(x, [axis + 2], 1), weight, groups=channels)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=True)
-
-
-def _replicate_pad(x: Tensor, axis: int) -> Tensor:
-    """Pad spatial ``axis`` of ``x`` by one voxel on each side, repeating the edge."""
-    dim = axis + 2
-    return torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, x.shape[dim] - 1, 1)], dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from regnet_zoo.core.losses import (
     soft_dice_loss,
     warped_label_dice_loss,
 )
-from regnet_zoo.core.padding import pad_to_multiple
+from regnet_zoo.core.padding import pad_to_multiple, replicate_pad
 from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
 from regnet_zoo.networks.pair import split_pair
 
@@ -144,17 +144,6 @@ def _grid_side(num_displacements: int, spatial_dims: int) -> int:
     return side
 
 
-def _replicate_pad(x: torch.Tensor, dims: Sequence[int], pad: int) -> torch.Tensor:
-    """Repeat the first / last slice ``pad`` times along each of ``dims``."""
-    if pad == 0:
-        return x
-    for dim in dims:
-        first = x.narrow(dim, 0, 1).expand(*[pad if d == dim else -1 for d in range(x.ndim)])
-        last = x.narrow(dim, x.shape[dim] - 1, 1).expand(*[pad if d == dim else -1 for d in range(x.ndim)])
-        x = torch.cat([first, x, last], dim=dim)
-    return x
-
-
 def _box(x: torch.Tensor, dims: Sequence[int], kernel: int, mode: str) -> torch.Tensor:
     """Valid (unpadded) stride-1 box mean or max with a ``kernel``-wide window along each of ``dims``.
 
@@ -187,7 +176,7 @@ def approximate_min_convolution(cost: torch.Tensor, avg_kernel: int = 5, min_ker
     side = _grid_side(num, spatial_dims)
     pad = (avg_kernel - 1) + (min_kernel - 1) // 2
     displacement_dims = list(range(1, spatial_dims + 1))
-    x = _replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
+    x = replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
     x = _box(_box(x, displacement_dims, avg_kernel, "mean"), displacement_dims, avg_kernel, "mean")
     x = -_box(-x, displacement_dims, min_kernel, "max")
     return x.reshape(b, num, *size)
@@ -197,7 +186,7 @@ def mean_field_smoothing(cost: torch.Tensor, kernel: int = 5, iterations: int = 
     """Mean-field-like spatial smoothing: ``iterations`` box means (``kernel``, stride 1) of every
     displacement channel of ``cost`` ``(B, L, *S)`` after replicate padding (same shape)."""
     spatial = list(range(2, cost.ndim))
-    x = _replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
+    x = replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
     for _ in range(iterations):
         x = _box(x, spatial, kernel, "mean")
     return x
