@@ -21,17 +21,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 
+from regnet_zoo.core.geometry import spacing_from_affine
 from regnet_zoo.data.io import load_image
+from regnet_zoo.data.preprocess import normalise_intensity
 from regnet_zoo.data.regnet_crop import RegNetSyntheticCropd
 from regnet_zoo.data.synthetic import deform_pair
 from regnet_zoo.networks.regnet import RegNet, RegNetLoss, dvf_mae
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _normalise(image: torch.Tensor) -> torch.Tensor:
-    return (image - image.min()) / (image.max() - image.min()).clamp_min(1e-8)
 
 
 def main() -> None:
@@ -55,9 +54,9 @@ def main() -> None:
     folder = args.data / "oasis3d_pair" / "imagesTr"
     train_image = load_image(folder / "OASIS_0001_0000.nii.gz")
     test_image = load_image(folder / "OASIS_0002_0000.nii.gz")
-    train_image = _normalise(train_image)
-    test_image = _normalise(test_image)
-    spacing = [float(s) for s in torch.linalg.norm(torch.as_tensor(test_image.affine)[:3, :3], dim=0)]
+    spacing = spacing_from_affine(test_image.affine, 3)
+    train_image = MetaTensor(normalise_intensity(train_image), affine=train_image.affine)
+    test_image = MetaTensor(normalise_intensity(test_image), affine=test_image.affine)
 
     net = RegNet(3, dense_mode=args.dense_mode, tile_size=args.tile, skip_crop_border=True)
     n_params = sum(p.numel() for p in net.parameters())

@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
             "is brought onto the fixed grid through physical space. Writes warped.nii.gz, "
             "[warped_label.nii.gz], ddf_voxel.nii.gz (Learn2Reg: fixed grid, voxel units, vector last), "
             "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz and "
-            "metrics.json into --out."
+            "metrics.json into --out. An affine (or rigid) pre-alignment runs first unless --affine none; "
+            "the fields hold the whole transform (affine then deformable) and the affine alone is written as "
+            "affine.txt (4x4, physical RAS) and affine.tfm (ITK, LPS). Stages and times go to stderr."
         ),
         epilog=LANDMARK_HELP,
     )
@@ -78,8 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STEPS",
         help="test-time optimisation: Adam steps on the network's transform parameters with its own loss",
     )
+    reg.add_argument(
+        "--affine",
+        choices=("affine", "rigid", "none"),
+        default="affine",
+        help="pre-alignment stage before the network (default: affine; none: off)",
+    )
+    reg.add_argument(
+        "--similarity",
+        choices=("lncc", "ncc", "mi", "mse"),
+        help="similarity of the affine stage (default: the stage's own; mi across modalities)",
+    )
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    reg.add_argument("--quiet", action="store_true", help="do not report the stages and times on stderr")
 
     warp = sub.add_parser(
         "warp",
@@ -158,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------
+def _report(line: str) -> None:
+    print(f"regnet-zoo register: {line}", file=sys.stderr, flush=True)
+
+
 def _register(args: argparse.Namespace) -> int:
     from regnet_zoo.api import OUTPUT_FILES, metrics_to_json, register
 
@@ -180,17 +198,21 @@ def _register(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         instance_opt=args.instance_opt,
+        affine=None if args.affine == "none" else args.affine,
+        affine_options={"similarity": args.similarity} if args.similarity else None,
+        progress=None if args.quiet else _report,
     )
     paths = result.save(out, overwrite=args.overwrite)
     print(metrics_to_json(result.metrics))
-    print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
+    if not args.quiet:
+        print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
     return 0
 
 
 def _warp(args: argparse.Namespace) -> int:
     import torch
 
-    from regnet_zoo.api import _affine4, _as_image, load_ddf, warp_physical
+    from regnet_zoo.api import affine_of, as_image, load_ddf, warp_physical
     from regnet_zoo.data.io import check_pair, file_suffix, save_image
 
     out = Path(args.out)
@@ -198,8 +220,8 @@ def _warp(args: argparse.Namespace) -> int:
         raise RegistrationInputError(f"{out}: --out must be a NIfTI file (.nii.gz)")
     if out.exists() and not args.overwrite:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
-    fixed = _as_image(args.fixed, "fixed image")
-    moving = _as_image(args.moving, "moving image")
+    fixed = as_image(args.fixed, "fixed image")
+    moving = as_image(args.moving, "moving image")
     check_pair(fixed, moving)
     if not (args.nearest or args.linear) and torch.equal(moving.as_tensor(), moving.as_tensor().round()):
         # whatever its storage type (label maps come as float64 too): never interpolate labels into floats
@@ -208,13 +230,13 @@ def _warp(args: argparse.Namespace) -> int:
             "warp a label map, or --linear to interpolate an intensity image"
         )
     ddf = load_ddf(args.ddf, fixed, args.ddf_type)
-    warped = warp_physical(moving, _affine4(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
+    warped = warp_physical(moving, affine_of(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
     if args.nearest and torch.equal(warped, warped.round()):
         warped = warped.round().to(torch.int32)  # a label map stays integer
     save_image(
         warped,
         out,
-        affine=_affine4(fixed),
+        affine=affine_of(fixed),
         overwrite=args.overwrite,
         protect=[args.moving, args.fixed, args.ddf],
     )
@@ -233,7 +255,7 @@ def _parse_labels(text: str | None) -> list[int] | None:
 
 def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
     """Every pair of a Learn2Reg dataset split against ``disp_FFFF_MMMM.nii.gz`` files in ``args.ddf``."""
-    from regnet_zoo.api import _as_image, case_id, evaluate_ddf, load_ddf
+    from regnet_zoo.api import as_image, case_id, evaluate_ddf, load_ddf
     from regnet_zoo.data.learn2reg import Learn2RegDataset
     from regnet_zoo.engines.metrics import aggregate_metrics
 
@@ -256,7 +278,7 @@ def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
     labels = _parse_labels(args.labels) or dataset.evaluation_labels or None
     per_pair: dict[str, dict] = {}
     for name, path, pair in zip(names, files, pairs, strict=True):
-        fixed = _as_image(pair["fixed"], "fixed image", dataset.spatial_dims)
+        fixed = as_image(pair["fixed"], "fixed image", dataset.spatial_dims)
         units = pair.get("keypoint_units", "mm")
         has_points = "fixed_keypoints" in pair and "moving_keypoints" in pair
         has_labels = "fixed_label" in pair and "moving_label" in pair
@@ -280,7 +302,7 @@ def _evaluate_submission(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import _as_image, evaluate_ddf, load_ddf, metrics_to_json
+    from regnet_zoo.api import as_image, evaluate_ddf, load_ddf, metrics_to_json
 
     if args.dataset is not None or Path(args.ddf).is_dir():
         if args.dataset is None or not Path(args.ddf).is_dir():
@@ -291,7 +313,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     else:
         if args.fixed is None:
             raise RegistrationInputError("--fixed is required (the grid of the displacement field)")
-        fixed = _as_image(args.fixed, "fixed image")
+        fixed = as_image(args.fixed, "fixed image")
         result = evaluate_ddf(
             load_ddf(args.ddf, fixed, args.ddf_type),
             fixed,
@@ -351,10 +373,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import _check_method
+    from regnet_zoo.api import check_method
     from regnet_zoo.bundle import run_bundle
 
-    _check_method(args.method)
+    check_method(args.method)
     overrides = parse_overrides(list(args.overrides))
     if args.dataset_dir is not None:
         if not Path(args.dataset_dir).is_dir():
@@ -370,9 +392,9 @@ def _train(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     if overrides.get("device") == "cuda":
-        from regnet_zoo.api import _resolve_device
+        from regnet_zoo.api import resolve_device
 
-        _resolve_device("cuda")
+        resolve_device("cuda")
     run_bundle(args.method, "train", **overrides)
     return 0
 

@@ -20,17 +20,19 @@ from monai.data import MetaTensor
 from torch import nn
 
 import regnet_zoo
-from regnet_zoo import METHODS, api
+from regnet_zoo import METHODS
 from regnet_zoo.api import (
     ddf_from_itk,
     ddf_to_itk,
     evaluate_ddf,
     load_ddf,
     load_method,
+    pipeline,
     register,
     warp_physical,
 )
 from regnet_zoo.data.io import load_image, load_label
+from regnet_zoo.data.preprocess import Preprocessing
 from regnet_zoo.errors import RegistrationInputError
 
 PACKAGED = [m for m in METHODS if (regnet_zoo.project_root() / "bundles" / m / "train.yaml").is_file()]
@@ -224,11 +226,8 @@ def test_register_known_translation_gives_expected_ddfs(tmp_path, monkeypatch):
     fixed_sitk = write_sitk(smooth_blobs(shape, 4), tmp_path / "f.nii.gz", spacing, (10.0, -3.0), angle)
     moving_sitk = write_sitk(smooth_blobs((26, 19), 5), tmp_path / "m.nii.gz", (1.2, 1.0), (8.0, -5.0), -0.1)
     shift = (2.0, -1.5)
-    monkeypatch.setattr(api, "_cached_network", lambda *args: ConstantShift(shift))
-    (tmp_path / "stand_in.pt").touch()
-    result = register(
-        tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", "ddrnet", weights=tmp_path / "stand_in.pt"
-    )
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (ConstantShift(shift), Preprocessing()))
+    result = register(tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", "ddrnet", affine=None)
     expected_voxel = torch.tensor(shift).view(2, 1, 1).expand(2, *shape)
     torch.testing.assert_close(result.ddf_voxel, expected_voxel, atol=1e-6, rtol=0)
     translation_mm = np.array(fixed_sitk.GetDirection()).reshape(2, 2) @ (np.array(spacing) * shift)
@@ -257,12 +256,9 @@ def test_register_on_the_bundles_network_grid_rescales_the_field(tmp_path, monke
             seen.append(tuple(fixed.shape[2:]))
             return super().forward(fixed, moving)
 
-    monkeypatch.setattr(api, "_cached_network", lambda *args: Recording((1.5, -3.0)))
-    monkeypatch.setattr(api, "_preprocessing", lambda *args: ({"normalize": "minmax"}, 8, (16, 12)))
-    (tmp_path / "stand_in.pt").touch()
-    result = register(
-        tmp_path / "f.nii.gz", tmp_path / "f.nii.gz", "ddrnet", weights=tmp_path / "stand_in.pt"
-    )
+    prep = Preprocessing(normalize="minmax", pad_multiple=8, image_size=(16, 12))
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (Recording((1.5, -3.0)), prep))
+    result = register(tmp_path / "f.nii.gz", tmp_path / "f.nii.gz", "ddrnet", affine=None)
     assert seen == [(16, 16)]  # image_size, then padded to the multiple 8
     expected = torch.tensor([1.5 * 23 / 15, -3.0 * 19 / 11]).view(2, 1, 1).expand(2, 24, 20)
     torch.testing.assert_close(result.ddf_voxel, expected, atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 import regnet_zoo
-from regnet_zoo import METHODS, api
+from regnet_zoo import METHODS
 from regnet_zoo.cli import main, parse_overrides
 from regnet_zoo.data.io import lps_to_voxel, save_image, save_landmarks
 
@@ -172,7 +172,7 @@ def test_interrupted_register_leaves_no_half_written_file(pair, weights, tmp_pat
         Path(path).write_bytes(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(api.sitk, "WriteImage", write_then_die)
+    monkeypatch.setattr(sitk, "WriteImage", write_then_die)
     code, _, _ = run(capsys, *register_args(pair, weights, tmp_path / "out"))
     assert code == 130
     assert not (tmp_path / "out" / "ddf_itk.nii.gz").exists()

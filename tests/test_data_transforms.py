@@ -49,15 +49,18 @@ def test_default_chain_shapes_keys_dtypes(phantom_pairs):
 
 def test_resize_and_spacing_keep_labels_and_keypoints_consistent(phantom_pairs):
     raw = pair_transforms(normalize=None, pad_multiple=None)(phantom_pairs[0])
-    # upsampling by 2 (from 2 mm): Resize scales about voxel corners (pixel-area semantics), Spacing keeps
-    # voxel 0 in place (79x71 grid); both then pad symmetrically to 80x80
-    configs = (({"spatial_size": (80, 72)}, 0.5, (0.0, 4.0)), ({"spacing": 1.0}, 0.0, (0.0, 4.0)))
-    for kwargs, offset, pad in configs:
+    # upsampling (from 2 mm): the working-grid resize is corner-aligned (voxel 0 and n-1 of both grids
+    # coincide: scale (new - 1) / (old - 1)), Spacing keeps voxel 0 in place with the 1 mm step (79x71 grid);
+    # both then pad symmetrically to 80x80
+    old = torch.tensor(raw["fixed"].shape[1:], dtype=torch.float32)
+    corner_scale = (torch.tensor([80.0, 72.0]) - 1) / (old - 1)
+    configs = (({"spatial_size": (80, 72)}, corner_scale, (0.0, 4.0)), ({"spacing": 1.0}, 2.0, (0.0, 4.0)))
+    for kwargs, scale, pad in configs:
         out = pair_transforms(**kwargs)(phantom_pairs[0])
         assert "ddf" not in out  # a voxel-unit ddf cannot follow resampling
         assert out["fixed"].shape == (1, 80, 80) and out["moving_label"].shape == (1, 80, 80)
         assert set(out["fixed_label"].unique().tolist()) <= set(raw["fixed_label"].unique().tolist())
-        expected = raw["fixed_keypoints"] * 2 + offset + torch.tensor(pad)
+        expected = raw["fixed_keypoints"] * scale + torch.tensor(pad)
         torch.testing.assert_close(out["fixed_keypoints"], expected, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="ddf"):
         pair_transforms(spacing=1.0, keys_present=("fixed", "moving", "ddf"))

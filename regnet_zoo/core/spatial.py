@@ -28,10 +28,16 @@ import functools
 import itertools
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from regnet_zoo.core.geometry import (  # noqa: F401  (re-exported: one definition, in core.geometry)
+    ddf_physical_to_voxel,
+    ddf_voxel_to_physical,
+    physical_to_voxel,
+    voxel_to_physical,
+)
 
 __all__ = [
     "identity_grid",
@@ -326,74 +332,6 @@ def resize_ddf(ddf: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor
     scale = [(n - 1) / (o - 1) if n > 1 and o > 1 else 1.0 for n, o in zip(size, old, strict=True)]
     scale = torch.tensor(scale, device=ddf.device, dtype=ddf.dtype).view(1, -1, *([1] * len(size)))
     return resampled * scale
-
-
-def _as_affine(affine, spatial_dims: int, like: Tensor) -> Tensor:
-    affine = torch.as_tensor(np.asarray(affine) if not isinstance(affine, Tensor) else affine)
-    if affine.shape[-2:] != (spatial_dims + 1, spatial_dims + 1) or affine.ndim not in (2, 3):
-        raise ValueError(
-            f"affine must be ({spatial_dims + 1}, {spatial_dims + 1}) or (B, {spatial_dims + 1}, "
-            f"{spatial_dims + 1}), got shape {tuple(affine.shape)}"
-        )
-    return affine.to(device=like.device, dtype=torch.float64)
-
-
-def voxel_to_physical(points: Tensor, affine) -> Tensor:
-    """Voxel coordinates ``(..., N)`` (array-axis order) -> world coordinates ``(..., N)``: ``A @ p + t``.
-
-    ``affine``: ``(N+1, N+1)`` voxel->world matrix for the array axes of the tensor (or ``(B, N+1, N+1)``
-    with ``points`` ``(B, ..., N)``). The functions are agnostic of the world frame: a NIfTI / MONAI
-    ``affine`` maps into RAS, an ITK one into LPS (``LPS = diag(-1, -1, 1) @ RAS``). For a SimpleITK image
-    read as ``arr = GetArrayFromImage(img)`` (axes reversed to ITK's ``x, y, z`` index), the matrix is
-    ``A = Direction @ diag(Spacing) @ P``, ``t = Origin`` with ``P`` the axis-reversal permutation.
-    Computed in float64, returned in ``points``' dtype.
-    """
-    spatial_dims = points.shape[-1]
-    matrix = _as_affine(affine, spatial_dims, points)
-    linear, offset = matrix[..., :spatial_dims, :spatial_dims], matrix[..., :spatial_dims, spatial_dims]
-    p = points.to(torch.float64)
-    if matrix.ndim == 2:
-        out = p @ linear.T + offset
-    else:
-        out = torch.einsum("bij,b...j->b...i", linear, p) + offset.view(
-            offset.shape[0], *([1] * (p.ndim - 2)), spatial_dims
-        )
-    return out.to(points.dtype)
-
-
-def physical_to_voxel(points: Tensor, affine) -> Tensor:
-    """World coordinates ``(..., N)`` -> voxel coordinates ``(..., N)``; inverse of ``voxel_to_physical``."""
-    spatial_dims = points.shape[-1]
-    inverse = torch.linalg.inv(_as_affine(affine, spatial_dims, points))
-    return voxel_to_physical(points, inverse)
-
-
-def _apply_linear_to_ddf(ddf: Tensor, linear: Tensor) -> Tensor:
-    out = ddf.to(torch.float64)
-    if linear.ndim == 2:
-        out = torch.einsum("ij,bj...->bi...", linear, out)
-    else:
-        out = torch.einsum("bij,bj...->bi...", linear, out)
-    return out.to(ddf.dtype)
-
-
-def ddf_voxel_to_physical(ddf: Tensor, affine) -> Tensor:
-    """Voxel-unit DDF ``(B, N, *S)`` -> world-unit (mm) DDF ``(B, N, *S)``, channel ``i`` = world axis ``i``.
-
-    Uses the linear part ``A`` of the voxel->world ``affine`` (see ``voxel_to_physical``): ``d_mm = A @ d``.
-    """
-    _check_ddf(ddf)
-    spatial_dims = ddf.shape[1]
-    matrix = _as_affine(affine, spatial_dims, ddf)
-    return _apply_linear_to_ddf(ddf, matrix[..., :spatial_dims, :spatial_dims])
-
-
-def ddf_physical_to_voxel(ddf: Tensor, affine) -> Tensor:
-    """World-unit DDF ``(B, N, *S)`` -> voxel-unit DDF; inverse of :func:`ddf_voxel_to_physical`."""
-    _check_ddf(ddf)
-    spatial_dims = ddf.shape[1]
-    matrix = _as_affine(affine, spatial_dims, ddf)
-    return _apply_linear_to_ddf(ddf, torch.linalg.inv(matrix[..., :spatial_dims, :spatial_dims]))
 
 
 class Warper(nn.Module):

@@ -13,6 +13,8 @@ Bad input raises :class:`~regnet_zoo.errors.RegistrationInputError` naming the f
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -22,6 +24,9 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from regnet_zoo.core.geometry import affine_from_itk as lps_affine_to_ras
+from regnet_zoo.core.geometry import as_4x4 as _as_4x4
+from regnet_zoo.core.geometry import lps_to_voxel, voxel_to_lps
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -40,6 +45,9 @@ __all__ = [
     "voxel_to_lps",
     "lps_affine_to_ras",
     "save_image",
+    "atomic_write",
+    "json_ready",
+    "metrics_to_json",
 ]
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -51,10 +59,6 @@ IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + NUMPY_SUFFIXES
 _IMAGE_KEYS = ("image", "img", "vol", "data", "arr_0")
 _LABEL_KEYS = ("label", "labels", "seg", "mask", "arr_0")
 
-# flips x and y: LPS <-> RAS (its own inverse)
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-
 def file_suffix(path: str | os.PathLike) -> str:
     """Lower-case suffix, with ``.nii.gz`` kept whole."""
     name = Path(path).name.lower()
@@ -65,28 +69,6 @@ def file_suffix(path: str | os.PathLike) -> str:
 
 def _fail(path: str | os.PathLike, problem: str) -> RegistrationInputError:
     return RegistrationInputError(f"{path}: {problem}")
-
-
-def lps_affine_to_ras(direction: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
-    """4x4 RAS voxel-to-world affine from ITK geometry (LPS direction ``(N, N)``, spacing, origin)."""
-    n = len(spacing)
-    lps = np.eye(4)
-    lps[:n, :n] = np.asarray(direction, dtype=np.float64).reshape(n, n) @ np.diag(np.asarray(spacing, float))
-    lps[:n, 3] = np.asarray(origin, dtype=np.float64)
-    return _LPS_RAS @ lps
-
-
-def _as_4x4(affine: np.ndarray | torch.Tensor | None) -> np.ndarray:
-    if affine is None:
-        return np.eye(4)
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    if a.shape == (4, 4):
-        return a.copy()
-    if a.shape == (3, 3):  # 2D homogeneous affine -> embed with a unit third axis
-        out = np.eye(4)
-        out[:2, :2], out[:2, 3] = a[:2, :2], a[:2, 2]
-        return out
-    raise ValueError(f"affine must be 3x3 or 4x4, got shape {a.shape}")
 
 
 def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray, int]:
@@ -266,33 +248,6 @@ def check_pair(
     return nf
 
 
-def _affine_of(image_or_affine) -> np.ndarray:
-    if isinstance(image_or_affine, MetaTensor):
-        return _as_4x4(image_or_affine.affine)
-    return _as_4x4(image_or_affine)
-
-
-def lps_to_voxel(points: np.ndarray | torch.Tensor, image_or_affine) -> np.ndarray:
-    """Physical LPS points ``(K, N)`` (mm) -> voxels ``(K, N)`` of a ``MetaTensor`` or RAS affine."""
-    pts = np.asarray(points, dtype=np.float64)
-    k, n = pts.shape
-    hom = np.zeros((k, 4))
-    hom[:, :n], hom[:, 3] = pts, 1.0
-    hom = hom @ _LPS_RAS.T  # LPS -> RAS
-    vox = hom @ np.linalg.inv(_affine_of(image_or_affine)).T
-    return vox[:, :n]
-
-
-def voxel_to_lps(voxels: np.ndarray | torch.Tensor, image_or_affine) -> np.ndarray:
-    """Voxel coordinates ``(K, N)`` -> physical LPS points ``(K, N)`` (mm)."""
-    vox = np.asarray(voxels, dtype=np.float64)
-    k, n = vox.shape
-    hom = np.zeros((k, 4))
-    hom[:, :n], hom[:, 3] = vox, 1.0
-    ras = hom @ _affine_of(image_or_affine).T
-    return (ras @ _LPS_RAS.T)[:, :n]
-
-
 def _parse_rows(path: Path) -> list[list[float]]:
     rows: list[list[float]] = []
     try:
@@ -369,17 +324,27 @@ def save_landmarks(
     pts = np.asarray(points, dtype=np.float64)
     header = ",".join("xyz"[: pts.shape[1]])
     text = header + "\n" + "".join(",".join(f"{v:.6f}" for v in row) + "\n" for row in pts)
-    return _atomic_write(Path(path), overwrite, lambda tmp: tmp.write_text(text), ())
+    return atomic_write(Path(path), lambda tmp: tmp.write_text(text), overwrite)
 
 
-def _atomic_write(path: Path, overwrite: bool, write, protected: Iterable[str | os.PathLike]) -> Path:
-    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename onto ``path``."""
+_EXISTS = "output file exists; pass --overwrite (overwrite=True) to replace it"
+
+
+def atomic_write(
+    path: str | os.PathLike, write, overwrite: bool = False, protected: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """Write through ``write(tmp_path)`` into a temporary file beside ``path``, then rename onto ``path``.
+
+    Refuses (``RegistrationInputError``) an existing ``path`` unless ``overwrite``, and always one of
+    ``protected`` (input files).
+    """
+    path = Path(path)
     target = path.resolve()
     for p in protected:
         if isinstance(p, str | os.PathLike) and str(p) and Path(p).resolve() == target:
             raise _fail(path, "refusing to overwrite an input file; choose another output path")
     if path.exists() and not overwrite:
-        raise _fail(path, "output file exists; pass overwrite=True to replace it")
+        raise _fail(path, _EXISTS)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = file_suffix(path)
     tmp = path.with_name(
@@ -393,7 +358,7 @@ def _atomic_write(path: Path, overwrite: bool, write, protected: Iterable[str | 
             try:  # link refuses to replace: no race with a concurrent writer
                 os.link(tmp, path)
             except FileExistsError:
-                raise _fail(path, "output file exists; pass overwrite=True to replace it") from None
+                raise _fail(path, _EXISTS) from None
             except OSError:  # file system without hard links
                 os.replace(tmp, path)
     finally:
@@ -455,4 +420,25 @@ def save_image(
         img.set_sform(aff, code=1)
         nib.save(img, str(tmp))
 
-    return _atomic_write(path, overwrite, write, protected)
+    return atomic_write(path, write, overwrite, protected)
+
+
+def json_ready(value):
+    """``value`` as strict-JSON-ready Python: mapping keys as strings, tuples as lists, numpy / torch
+    scalars as numbers, non-finite floats as None (JSON has no NaN)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(v) for v in value]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def metrics_to_json(metrics: dict) -> str:
+    """Metrics as strict JSON text (:func:`json_ready`), indented."""
+    return json.dumps(json_ready(metrics), indent=2, allow_nan=False)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from regnet_zoo.core.geometry import spacing_from_affine
 from regnet_zoo.core.integration import scaling_and_squaring
 from regnet_zoo.core.spatial import warp_image, warp_labels
 
@@ -69,10 +70,8 @@ def spacing_of(
         if len(values) != spatial_dims:
             raise ValueError(f"spacing needs {spatial_dims} values, got {values}")
         return torch.tensor(values, dtype=torch.float64)
-    affine = getattr(image, "affine", None)
-    if affine is not None:
-        a = torch.as_tensor(affine, dtype=torch.float64)
-        return torch.linalg.norm(a[:spatial_dims, :spatial_dims], dim=0)
+    if getattr(image, "affine", None) is not None:
+        return torch.tensor(spacing_from_affine(image.affine, spatial_dims), dtype=torch.float64)
     return torch.ones(spatial_dims, dtype=torch.float64)
 
 

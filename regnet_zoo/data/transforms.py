@@ -5,12 +5,16 @@ A pair is a dict with ``fixed``, ``moving`` and optionally ``fixed_label``, ``mo
 ``keypoint_units`` string (``"mm"`` LPS or ``"voxel"``, see :mod:`regnet_zoo.data.learn2reg`) and ``ddf``
 (a ground-truth fixed->moving displacement file). Missing optional keys are skipped everywhere.
 
-:func:`pair_transforms` chains: load (NIfTI/MHA/NRRD/npz, channel-first) -> optional resampling to a common
-``spacing`` -> optional resizing to ``spatial_size`` -> intensity normalisation -> symmetric padding of
-fixed and moving to a common shape -> padding to a multiple of ``pad_multiple`` -> keypoints to voxel
-coordinates ``(K, N)`` of the final grid -> dtypes (images float32, labels int64). Labels and masks are
-always resampled with nearest neighbour. Keypoints stay physical points until the end and are converted
-with the final affine, so every geometric step is accounted for.
+:func:`pair_transforms` chains: load (NIfTI/MHA/NRRD/npz, channel-first) -> intensity normalisation (on the
+native grids) -> optional resampling to a common ``spacing`` -> optional affine pre-alignment of the moving
+image onto the fixed grid (``pre_align``) -> optional resizing to the working grid ``spatial_size``
+(corner-aligned linear) -> symmetric padding of fixed and moving to a common shape -> padding to a multiple of
+``pad_multiple`` -> keypoints to voxel coordinates ``(K, N)`` of the final grid -> dtypes (images float32,
+labels int64). Labels and masks are always resampled with nearest neighbour. Keypoints stay physical points
+until the end and are converted with the final affine, so every geometric step is accounted for.
+
+Normalisation, resizing and padding are the functions of :mod:`regnet_zoo.data.preprocess`, the same that
+:func:`regnet_zoo.api.register` uses, so a network sees the same input in training and in use.
 """
 
 from __future__ import annotations
@@ -26,15 +30,20 @@ from monai.transforms import (
     Compose,
     DivisiblePadd,
     MapTransform,
-    Resized,
-    ScaleIntensityd,
-    ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
     Spacing,
     SpatialPad,
 )
 
+from regnet_zoo.core.geometry import LPS_RAS, affine_of, as_4x4, from_4x4
+from regnet_zoo.core.resample import warp_physical
 from regnet_zoo.data.io import check_pair, load_image, load_label, load_landmarks, lps_to_voxel
+from regnet_zoo.data.preprocess import (
+    PRE_ALIGN,
+    normalise_intensity,
+    resize_image,
+    resize_label,
+    resized_affine,
+)
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -44,6 +53,9 @@ __all__ = [
     "PAIR_KEYS",
     "LoadPaird",
     "ResampleToSpacingd",
+    "NormaliseIntensityd",
+    "ResizeToGridd",
+    "PreAlignd",
     "PadToCommonShaped",
     "KeypointsToVoxeld",
     "CastPaird",
@@ -208,21 +220,117 @@ class PairCompose(Compose):
             raise
 
 
-def _normalisation(
-    normalize: str | None, percentiles: tuple[float, float], ct_window: tuple[float, float]
-) -> MapTransform | None:
-    keys = list(IMAGE_KEYS)
-    if normalize in (None, "none"):
-        return None
-    if normalize == "minmax":
-        return ScaleIntensityd(keys, minv=0.0, maxv=1.0)
-    if normalize == "percentile":
-        low, high = percentiles
-        return ScaleIntensityRangePercentilesd(keys, lower=low, upper=high, b_min=0.0, b_max=1.0, clip=True)
-    if normalize == "ct":
-        low, high = ct_window
-        return ScaleIntensityRanged(keys, a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True)
-    raise ValueError(f"normalize must be 'minmax', 'percentile', 'ct' or None, got {normalize!r}")
+class NormaliseIntensityd(MapTransform):
+    """Intensities of fixed and moving to [0, 1] (:func:`regnet_zoo.data.preprocess.normalise_intensity`)."""
+
+    def __init__(
+        self,
+        keys: KeysCollection = IMAGE_KEYS,
+        normalize: str | None = "minmax",
+        percentiles: Sequence[float] = (1.0, 99.0),
+        ct_window: Sequence[float] = (-1000.0, 1000.0),
+        allow_missing_keys: bool = True,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        if normalize not in ("minmax", "percentile", "ct", "none", None):
+            raise ValueError(f"normalize must be 'minmax', 'percentile', 'ct' or None, got {normalize!r}")
+        self.normalize, self.percentiles, self.ct_window = normalize, percentiles, ct_window
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            out = normalise_intensity(image, self.normalize, self.percentiles, self.ct_window)
+            d[key] = MetaTensor(out).copy_meta_from(image) if isinstance(image, MetaTensor) else out
+        return d
+
+
+class ResizeToGridd(MapTransform):
+    """Resample to the working grid ``spatial_size`` corner-aligned: images linearly
+    (:func:`~regnet_zoo.data.preprocess.resize_image`), labels / masks nearest; the affine follows
+    (:func:`~regnet_zoo.data.preprocess.resized_affine`) so keypoints stay right."""
+
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int] | int, allow_missing_keys: bool = True
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = spatial_size
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            spatial_dims = image.ndim - 1
+            size = self.spatial_size
+            size = [int(size)] * spatial_dims if np.isscalar(size) else [int(v) for v in size]
+            if len(size) != spatial_dims:
+                raise ValueError(f"spatial_size {size} is not a {spatial_dims}D size")
+            resize = resize_label if key in LABEL_KEYS else resize_image
+            out = resize(torch.as_tensor(image)[None], size)[0]
+            affine = resized_affine(affine_of(image), image.shape[1:], size)
+            meta = dict(image.meta) if isinstance(image, MetaTensor) else {}
+            meta.pop("affine", None)
+            out = out.as_tensor() if isinstance(out, MetaTensor) else out
+            d[key] = MetaTensor(out, affine=torch.as_tensor(affine), meta=meta)
+        return d
+
+
+class PreAlignd(MapTransform):
+    """Affine pre-alignment: :func:`regnet_zoo.core.affine.affine_register` (``transform`` ``"affine"`` or
+    ``"rigid"``) finds ``T`` (physical, RAS) with ``moving(T p) ~ fixed(p)``; the moving image, its label /
+    mask (nearest) are resampled through ``T`` onto the fixed grid and its keypoints mapped by ``T^-1``.
+
+    The 4x4 ``T`` is kept as ``pre_affine`` (float64). Needs intensities normalised (run after
+    :class:`NormaliseIntensityd`). ``kwargs`` go to ``affine_register`` (e.g. ``similarity="mi"``).
+    """
+
+    def __init__(self, transform: str = "affine", **kwargs):
+        super().__init__(IMAGE_KEYS, allow_missing_keys=False)
+        if transform not in PRE_ALIGN or transform is None:
+            raise ValueError(f"pre_align must be 'affine' or 'rigid', got {transform!r}")
+        self.transform, self.kwargs = transform, kwargs
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        from regnet_zoo.core.affine import affine_register
+
+        d = dict(data)
+        fixed, moving = d["fixed"], d["moving"]
+        spatial_dims = fixed.ndim - 1
+        fixed_affine, moving_affine = affine_of(fixed), affine_of(moving)
+        matrix = affine_register(
+            torch.as_tensor(fixed).float(),
+            torch.as_tensor(moving).float(),
+            torch.as_tensor(from_4x4(fixed_affine, spatial_dims)),
+            torch.as_tensor(from_4x4(moving_affine, spatial_dims)),
+            transform=self.transform,
+            **self.kwargs,
+        )
+        d.update(pre_align_pair(d, as_4x4(np.asarray(matrix.detach().cpu(), dtype=np.float64))))
+        return d
+
+
+def pre_align_pair(d: Mapping[Hashable, object], matrix: np.ndarray) -> dict:
+    """The moving entries of a pair resampled through the physical 4x4 RAS map ``matrix`` onto the fixed
+    grid (images linear, labels / masks nearest, keypoints mapped by its inverse) and ``pre_affine``."""
+    fixed = d["fixed"]
+    fixed_affine, shape = affine_of(fixed), tuple(fixed.shape[1:])
+    inverse = np.linalg.inv(matrix)
+    out: dict = {"pre_affine": torch.as_tensor(matrix)}
+    for key in ("moving", "moving_label", "moving_mask"):
+        if key in d:
+            value = d[key]
+            aligned = MetaTensor(torch.as_tensor(value), affine=inverse @ affine_of(value))
+            warped = warp_physical(aligned, fixed_affine, shape, nearest=key != "moving")
+            meta = dict(value.meta) if isinstance(value, MetaTensor) else {}
+            meta.pop("affine", None)
+            out[key] = MetaTensor(warped, affine=torch.as_tensor(fixed_affine), meta=meta)
+    if "moving_keypoints" in d:  # LPS points p -> T^-1 p
+        pts = np.asarray(torch.as_tensor(d["moving_keypoints"]), dtype=np.float64)
+        n = pts.shape[1]
+        hom = np.zeros((len(pts), 4))
+        hom[:, :n], hom[:, 3] = pts, 1.0
+        out["moving_keypoints"] = torch.as_tensor((hom @ (LPS_RAS @ inverse @ LPS_RAS).T)[:, :n])
+    return out
 
 
 def pair_transforms(
@@ -236,6 +344,8 @@ def pair_transforms(
     percentiles: tuple[float, float] = (1.0, 99.0),
     ct_window: tuple[float, float] = (-1000.0, 1000.0),
     keypoint_units: str = "mm",
+    pre_align: str | None = None,
+    pre_align_kwargs: Mapping | None = None,
 ) -> PairCompose:
     """The pair preprocessing chain (see module docstring) as a ``monai.transforms.Compose``.
 
@@ -250,6 +360,8 @@ def pair_transforms(
             resampling); absent ones are skipped, other pair keys are dropped.
         spatial_dims: insist on 2D or 3D inputs.
         keypoint_units: units of keypoint files when the pair has no ``keypoint_units`` entry.
+        pre_align: ``"affine"`` / ``"rigid"``: affine pre-alignment of the moving image onto the fixed grid
+            (:class:`PreAlignd`, arguments ``pre_align_kwargs``); None: off.
     """
     resampling = spacing is not None or spatial_size is not None
     if keys_present is None:  # everything; a ground-truth ddf only when the grid is not resampled
@@ -263,19 +375,19 @@ def pair_transforms(
     if DDF_KEY in keys and resampling:
         # a voxel-unit displacement would need rescaling with the grid; only padding keeps it valid
         raise ValueError("the 'ddf' key can only be used without spacing / spatial_size resampling")
-    chain: list = [LoadPaird(keys, spatial_dims=spatial_dims, keypoint_units=keypoint_units)]
+    pre_align = None if pre_align in (None, "none", False) else pre_align
+    if DDF_KEY in keys and pre_align is not None:
+        raise ValueError("the 'ddf' key can only be used without pre_align (the ground truth would change)")
+    chain: list = [
+        LoadPaird(keys, spatial_dims=spatial_dims, keypoint_units=keypoint_units),
+        NormaliseIntensityd(image_keys, normalize, percentiles, ct_window),
+    ]
     if spacing is not None:
         chain.append(ResampleToSpacingd(image_keys + label_keys, spacing))
+    if pre_align is not None:
+        chain.append(PreAlignd(pre_align, **dict(pre_align_kwargs or {})))
     if spatial_size is not None:
-        mode = "area" if spacing is None else "bilinear"  # area: anti-aliased downsampling
-        chain.append(Resized(image_keys, spatial_size=spatial_size, mode=mode))
-        if label_keys:
-            chain.append(
-                Resized(label_keys, spatial_size=spatial_size, mode="nearest", allow_missing_keys=True)
-            )
-    norm = _normalisation(normalize, percentiles, ct_window)
-    if norm is not None:
-        chain.append(norm)
+        chain.append(ResizeToGridd(image_keys + label_keys, spatial_size))
     chain.append(PadToCommonShaped())
     if pad_multiple:
         pad_keys = image_keys + label_keys + ([DDF_KEY] if DDF_KEY in keys else [])

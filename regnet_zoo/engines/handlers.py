@@ -10,7 +10,6 @@ image's affine (Learn2Reg convention: fixed grid, voxel units, vector last on di
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 
+from regnet_zoo.core.geometry import spacing_from_affine
 from regnet_zoo.core.metrics import jacobian_determinant
 from regnet_zoo.core.spatial import warp_labels
 from regnet_zoo.engines.metrics import aggregate_metrics
@@ -80,11 +80,6 @@ def fixed_affines(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: i
         affine = np.broadcast_to(affine, (batch_size, *affine.shape[-2:])) if affine.ndim == 2 else affine
         return [np.asarray(a, dtype=np.float64) for a in affine]
     return [np.eye(spatial_dims + 1) for _ in range(batch_size)]
-
-
-def _spacing_of(affine: np.ndarray, spatial_dims: int) -> list[float]:
-    # a 2D image may carry a 4x4 (NIfTI) affine: its first two columns belong to the array axes
-    return [float(v) for v in np.linalg.norm(affine[:spatial_dims, :spatial_dims], axis=0)]
 
 
 class PairOutputWriter:
@@ -159,19 +154,6 @@ class PairOutputWriter:
         self._count += batch_size
 
 
-def _json_ready(value: Any) -> Any:
-    """Metrics as strict JSON: dict keys as strings, NaN/inf as None, numpy scalars as floats."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
 class MetricsSaver:
     """Collect per-pair metrics of an evaluation run, write them as JSON and log a summary table.
 
@@ -208,10 +190,12 @@ class MetricsSaver:
         self.summary = aggregate_metrics(list(self.per_pair.values()))
         if self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            from regnet_zoo.data.io import metrics_to_json
+
             for name, m in self.per_pair.items():
-                (self.output_dir / f"{name}.json").write_text(json.dumps(_json_ready(m), indent=2))
+                (self.output_dir / f"{name}.json").write_text(metrics_to_json(m))
             report = {"pairs": self.per_pair, "aggregate": self.summary}
-            (self.output_dir / self.summary_name).write_text(json.dumps(_json_ready(report), indent=2))
+            (self.output_dir / self.summary_name).write_text(metrics_to_json(report))
         if self.print_table:
             print(format_metrics_table(self.per_pair, self.summary))
 
@@ -242,7 +226,7 @@ def format_metrics_table(per_pair: Mapping[str, Mapping[str, Any]], summary: Map
 
 def spacings_of(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: int) -> Sequence[list[float]]:
     """Voxel size (mm) per pair from the fixed image's affine."""
-    return [_spacing_of(a, spatial_dims) for a in fixed_affines(batchdata, batch_size, spatial_dims)]
+    return [spacing_from_affine(a, spatial_dims) for a in fixed_affines(batchdata, batch_size, spatial_dims)]
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:

@@ -14,14 +14,9 @@ import numpy as np
 import torch
 from ignite.metrics import Metric
 
-from regnet_zoo.core.metrics import dice_per_label, dsc30, registration_metrics, sdlogj30, tre30
+from regnet_zoo.core.metrics import _nanmean, dice_per_label, dsc30, registration_metrics, sdlogj30, tre30
 
 __all__ = ["pair_metrics", "aggregate_metrics", "MeanPairMetric"]
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def pair_metrics(

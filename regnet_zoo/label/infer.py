@@ -21,7 +21,6 @@ status (MONAI Label turns any other exception into a 500): 400 bad ``params``, 4
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -242,11 +241,11 @@ class RegistrationInferTask(InferTask):
 
 
 def _json_metrics(metrics: dict) -> dict[str, float | None]:
-    """Scalar metrics as plain floats (NaN/inf -> None: strict JSON); per-label dicts are dropped."""
+    """Scalar metrics as strict-JSON numbers (``data.io.json_ready``); per-label dicts are dropped."""
+    from regnet_zoo.data.io import json_ready
+
     out: dict[str, float | None] = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out[key] = float(value) if math.isfinite(value) else None
+    for key, value in json_ready(metrics).items():
+        if value is None or isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = None if value is None else float(value)
     return out

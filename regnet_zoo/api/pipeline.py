@@ -1,0 +1,482 @@
+"""``register``: two images -> a displacement field, warped images and metrics, in a few named steps.
+
+The steps (the same as ``regnet-zoo register``):
+
+1. :func:`check_inputs`: load the fixed and moving images (paths or ``MetaTensor`` ``(C, *S)`` with a RAS
+   affine), labels and landmarks, and check them before anything slow runs;
+2. :func:`prepare_network`: the method's trained network and its preprocessing (from the weights' metadata,
+   else the bundle's config);
+3. :func:`predict_ddf`: the one preprocessing path (:mod:`regnet_zoo.data.preprocess`: normalisation on the
+   native grids, the moving image brought onto the fixed grid through physical space, resampling to the
+   working grid, padding), the network, optional instance optimisation (``instance_opt`` Adam steps on the
+   bundle's own loss), the field cropped and rescaled back to the fixed grid;
+4. :func:`warp_and_evaluate`: the *original* moving image (and label) warped with one interpolation of the
+   composed map ``fixed voxel x -> moving voxel A_m^-1 A_f (x + ddf(x))`` (exactly what SimpleITK does with
+   :attr:`RegistrationResult.ddf_itk`: linear, border-clamped within half a voxel of the grid, 0 further
+   out; nearest neighbour for labels) and the metrics (``regnet_zoo.core.metrics``) in mm on the fixed grid.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
+from torch import Tensor, nn
+
+from regnet_zoo.api.evaluation import label_metrics
+from regnet_zoo.api.fields import ddf_to_itk, warp_physical
+from regnet_zoo.api.inputs import ImageLike, PointsLike, as_image, as_label, as_points
+from regnet_zoo.api.instance import bundle_instance_loss, instance_optimise
+from regnet_zoo.api.methods import (
+    bundle_preprocessing,
+    cached_network,
+    check_method,
+    resolve_device,
+    weights_path,
+)
+from regnet_zoo.core.geometry import (
+    LPS_RAS,
+    affine_ddf,
+    affine_of,
+    as_4x4,
+    from_4x4,
+    lps_to_voxel,
+    spacing_from_affine,
+)
+from regnet_zoo.core.metrics import jacobian_determinant, registration_metrics, tre
+from regnet_zoo.core.spatial import resize_ddf
+from regnet_zoo.data.io import atomic_write, check_pair, metrics_to_json, save_image
+from regnet_zoo.data.preprocess import Preprocessing, network_inputs, normalise_intensity
+from regnet_zoo.errors import RegistrationInputError
+
+__all__ = [
+    "OUTPUT_FILES",
+    "RegistrationResult",
+    "PairInputs",
+    "register",
+    "check_inputs",
+    "prepare_network",
+    "predict_ddf",
+    "warp_and_evaluate",
+    "affine_stage",
+    "pre_aligned",
+    "total_ddf",
+    "initial_metrics",
+    "itk_affine_transform",
+    "AFFINE_TXT_HEADER",
+]
+
+#: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label)
+OUTPUT_FILES = {
+    "warped": "warped.nii.gz",
+    "warped_label": "warped_label.nii.gz",
+    "ddf_voxel": "ddf_voxel.nii.gz",
+    "ddf_itk": "ddf_itk.nii.gz",
+    "jacobian": "jacobian.nii.gz",
+    "metrics": "metrics.json",
+    "affine_txt": "affine.txt",
+    "affine_tfm": "affine.tfm",
+}
+#: header of ``affine.txt``
+AFFINE_TXT_HEADER = (
+    "regnet_zoo affine pre-alignment T: 4x4 homogeneous, physical RAS mm (NIfTI world), maps a fixed point "
+    "p to its moving point T @ p (moving(T p) ~ fixed(p)); 2D: the third axis is a unit placeholder"
+)
+
+
+@dataclass
+class RegistrationResult:
+    """What :func:`register` returns; all on the fixed grid with the fixed affine.
+
+    ``warped`` ``(C, *S)``, ``warped_label`` ``(1, *S)`` int64 or None, ``ddf_voxel`` ``(N, *S)`` (Learn2Reg:
+    fixed voxel units), ``ddf_itk`` (SimpleITK vector image, mm, LPS; ``sitk.Resample(moving, fixed,
+    sitk.DisplacementFieldTransform(sitk.Image(ddf_itk)))`` reproduces ``warped``), ``jacobian`` ``(*S)``
+    (determinant of ``x -> x + ddf(x)``), ``metrics`` (see :func:`evaluate_ddf`, plus ``runtime_s``,
+    ``peak_memory_mb``, ``stage_s``, ``*_initial`` and ``*_affine``), ``affine`` the pre-alignment ``T``
+    (4x4 physical RAS, ``moving(T p) ~ fixed(p)``; None without the affine stage). The fields hold the whole
+    transform, affine then deformable.
+    """
+
+    warped: MetaTensor
+    warped_label: MetaTensor | None
+    ddf_voxel: Tensor
+    ddf_itk: sitk.Image
+    jacobian: MetaTensor
+    metrics: dict
+    affine: np.ndarray | None = None
+    source_files: tuple[str, ...] = field(default=(), repr=False)
+
+    def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
+        """Write :data:`OUTPUT_FILES` into ``out_dir``; return ``{name: path}``.
+
+        Refuses (``RegistrationInputError``) a folder that already holds any of them unless ``overwrite``;
+        each file is written to a temporary name and renamed, and input files are never replaced.
+        ``ddf_itk.nii.gz`` is rebuilt from ``ddf_voxel`` (``ddf_itk`` may have been consumed by a transform).
+        """
+        out_dir = Path(out_dir)
+        if out_dir.exists() and not out_dir.is_dir():
+            raise RegistrationInputError(f"{out_dir}: output path exists and is not a folder")
+        skip = ({"warped_label"} if self.warped_label is None else set()) | (
+            {"affine_txt", "affine_tfm"} if self.affine is None else set()
+        )
+        names = [k for k in OUTPUT_FILES if k not in skip]
+        paths = {k: out_dir / OUTPUT_FILES[k] for k in names}
+        existing = [p.name for p in paths.values() if p.exists()]
+        if existing and not overwrite:
+            raise RegistrationInputError(
+                f"{out_dir}: output folder holds results ({', '.join(existing)}); "
+                "pass --overwrite to replace them"
+            )
+        sources = {Path(s).resolve() for s in self.source_files if s}
+        clash = [str(p) for p in paths.values() if p.resolve() in sources]
+        if clash:
+            raise RegistrationInputError(
+                f"{clash[0]}: refusing to overwrite an input file; choose another --out"
+            )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        affine = affine_of(self.warped)
+        spatial_dims = self.ddf_voxel.shape[0]
+        save_image(self.warped, paths["warped"], affine=affine, overwrite=overwrite)
+        if self.warped_label is not None:
+            label = self.warped_label.as_tensor().to(torch.int32)
+            save_image(label, paths["warped_label"], affine=affine, overwrite=overwrite)
+        save_image(self.ddf_voxel.float(), paths["ddf_voxel"], affine=affine, overwrite=overwrite)
+        itk_field = ddf_to_itk(self.ddf_voxel, affine)
+        atomic_write(paths["ddf_itk"], lambda tmp: sitk.WriteImage(itk_field, str(tmp)), overwrite)
+        jac = self.jacobian.as_tensor().float().reshape(1, *self.ddf_voxel.shape[1 : spatial_dims + 1])
+        save_image(jac, paths["jacobian"], affine=affine, overwrite=overwrite)
+        text = metrics_to_json(self.metrics) + "\n"
+        atomic_write(paths["metrics"], lambda tmp: tmp.write_text(text), overwrite)
+        if self.affine is not None:
+            matrix = as_4x4(self.affine)
+            atomic_write(
+                paths["affine_txt"],
+                lambda tmp: np.savetxt(tmp, matrix, fmt="%.10g", header=AFFINE_TXT_HEADER),
+                overwrite,
+            )
+            transform = itk_affine_transform(matrix, spatial_dims)
+            atomic_write(paths["affine_tfm"], lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
+        return paths
+
+
+def itk_affine_transform(matrix: np.ndarray, spatial_dims: int) -> sitk.AffineTransform:
+    """A 4x4 physical RAS map ``T`` (fixed point -> moving point) as an ITK ``AffineTransform`` in LPS: what
+    ``sitk.Resample(moving, fixed, transform)`` uses to resample the moving image onto the fixed grid."""
+    lps = LPS_RAS @ as_4x4(matrix) @ LPS_RAS
+    transform = sitk.AffineTransform(spatial_dims)
+    transform.SetMatrix(lps[:spatial_dims, :spatial_dims].ravel().tolist())
+    transform.SetTranslation(lps[:spatial_dims, 3].tolist())
+    return transform
+
+
+
+
+@dataclass
+class PairInputs:
+    """Checked inputs of :func:`register`: images ``(C, *S)``, labels ``(1, *S)`` int64, landmarks
+    ``(K, N)`` LPS mm (None when not given), and the input file paths (never overwritten)."""
+
+    fixed: MetaTensor
+    moving: MetaTensor
+    fixed_label: MetaTensor | None = None
+    moving_label: MetaTensor | None = None
+    fixed_points: np.ndarray | None = None
+    moving_points: np.ndarray | None = None
+    source_files: tuple[str, ...] = ()
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.fixed.ndim - 1
+
+
+def check_inputs(
+    fixed: ImageLike,
+    moving: ImageLike,
+    fixed_label: ImageLike | None = None,
+    moving_label: ImageLike | None = None,
+    fixed_landmarks: PointsLike | None = None,
+    moving_landmarks: PointsLike | None = None,
+) -> PairInputs:
+    """Load and check every input of :func:`register` (``RegistrationInputError`` naming the bad one)."""
+    fixed_img = as_image(fixed, "fixed image")
+    moving_img = as_image(moving, "moving image")
+    spatial_dims = check_pair(fixed_img, moving_img)
+    if fixed_label is not None and moving_label is None:
+        raise RegistrationInputError("a fixed label needs a moving label (Dice / HD95 compare the two)")
+    fixed_lab = as_label(fixed_label, "fixed label", spatial_dims) if fixed_label is not None else None
+    moving_lab = as_label(moving_label, "moving label", spatial_dims) if moving_label is not None else None
+    if (fixed_landmarks is None) != (moving_landmarks is None):
+        raise RegistrationInputError("landmarks need both --fixed-landmarks and --moving-landmarks")
+    fixed_pts = moving_pts = None
+    if fixed_landmarks is not None:
+        fixed_pts = as_points(fixed_landmarks, fixed_img, "fixed landmarks")
+        moving_pts = as_points(moving_landmarks, moving_img, "moving landmarks")
+        if fixed_pts.shape != moving_pts.shape:
+            raise RegistrationInputError(
+                f"fixed and moving landmarks must correspond row by row, got {len(fixed_pts)} and "
+                f"{len(moving_pts)} points"
+            )
+    sources = tuple(
+        str(v) for v in (fixed, moving, fixed_label, moving_label) if isinstance(v, str | os.PathLike)
+    )
+    return PairInputs(fixed_img, moving_img, fixed_lab, moving_lab, fixed_pts, moving_pts, sources)
+
+
+def prepare_network(
+    method: str, weights: str | os.PathLike | None, device: torch.device, pair: PairInputs
+) -> tuple[nn.Module, Preprocessing]:
+    """The trained network (cached across calls) and its preprocessing, checked against the pair."""
+    path = weights_path(method, weights).resolve()
+    network = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
+    in_channels = getattr(network, "in_channels", None)
+    if in_channels is not None and pair.fixed.shape[0] != in_channels:
+        raise RegistrationInputError(
+            f"the {method} network takes {in_channels}-channel images, got {pair.fixed.shape[0]} channels"
+        )
+    return network, bundle_preprocessing(method, pair.spatial_dims)
+
+
+def moving_on_fixed_grid(fixed: MetaTensor, moving: MetaTensor) -> Tensor:
+    """``moving`` ``(C, *S_m)`` resampled onto the fixed grid through physical space (linear, 0 outside);
+    returned as is when it already lies on that grid."""
+    fixed_affine, shape = affine_of(fixed), tuple(fixed.shape[1:])
+    if tuple(moving.shape[1:]) == shape and np.allclose(affine_of(moving), fixed_affine, atol=1e-9):
+        return moving.as_tensor() if isinstance(moving, MetaTensor) else moving
+    return warp_physical(moving, fixed_affine, shape)
+
+
+def predict_ddf(
+    network: nn.Module,
+    prep: Preprocessing,
+    fixed: MetaTensor,
+    moving: MetaTensor,
+    device: torch.device,
+    instance_opt: int = 0,
+    instance_loss=None,
+) -> Tensor:
+    """The network's voxel DDF ``(N, *S)`` on the fixed grid for a (pre-aligned) pair; ``instance_loss``:
+    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps."""
+    fixed_shape = tuple(fixed.shape[1:])
+    fixed_n = normalise_intensity(fixed, prep.normalize, prep.percentiles, prep.ct_window).to(device)
+    moving_n = MetaTensor(
+        normalise_intensity(moving, prep.normalize, prep.percentiles, prep.ct_window).to(device),
+        affine=moving.affine,
+    )
+    fixed_p, moving_p, crop = network_inputs(fixed_n, moving_on_fixed_grid(fixed, moving_n), prep)
+    with torch.no_grad():
+        outputs = network(fixed_p, moving_p)
+    if instance_opt:
+        loss_fn, lr = instance_loss
+        with torch.enable_grad():
+            outputs = instance_optimise(network, loss_fn, outputs, fixed_p, moving_p, int(instance_opt), lr)
+    ddf = outputs["ddf"][crop].detach().float()
+    if tuple(ddf.shape[2:]) != fixed_shape:  # from the working grid (corner-aligned) to the fixed grid
+        ddf = resize_ddf(ddf, fixed_shape)
+    return ddf[0]
+
+
+def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor | None, dict[str, Any]]:
+    """Warp the moving image (and label) by the whole-transform ``ddf`` ``(N, *S)`` with one interpolation;
+    the metrics. Returns ``(warped (C, *S), warped label or None, metrics)``."""
+    fixed_affine = affine_of(pair.fixed)
+    fixed_shape = tuple(pair.fixed.shape[1:])
+    warped = warp_physical(pair.moving.to(ddf.device), fixed_affine, fixed_shape, ddf)
+    ddf = ddf.cpu()
+    spacing = spacing_from_affine(fixed_affine, pair.spatial_dims)
+    metrics: dict[str, Any] = {}
+    warped_label = None
+    if pair.fixed_label is not None and pair.moving_label is not None:
+        metrics, warped_label = label_metrics(
+            ddf, pair.fixed, pair.fixed_label, pair.moving_label, None, spacing
+        )
+    elif pair.moving_label is not None:
+        warped_label = MetaTensor(
+            warp_physical(pair.moving_label, fixed_affine, fixed_shape, ddf, nearest=True),
+            affine=torch.as_tensor(fixed_affine),
+        )
+    points = {}
+    if pair.fixed_points is not None:
+        points = {
+            "fixed_points": lps_to_voxel(pair.fixed_points, fixed_affine),
+            "moving_points": lps_to_voxel(pair.moving_points, fixed_affine),
+        }
+    metrics.update(registration_metrics(ddf, spacing=spacing, **points))
+    return warped, warped_label, metrics
+
+
+def affine_stage(
+    pair: PairInputs, prep: Preprocessing, transform: str, device: torch.device, **options: Any
+) -> np.ndarray:
+    """Pre-alignment: the 4x4 physical (RAS) map ``T`` with ``moving(T p) ~ fixed(p)`` found by
+    :func:`regnet_zoo.core.affine.affine_register` (``transform`` ``"affine"`` / ``"rigid"``, ``options``
+    e.g. ``similarity``) on the intensity-normalised images."""
+    from regnet_zoo.core.affine import affine_register
+
+    if transform not in ("affine", "rigid"):
+        raise RegistrationInputError(f"affine must be 'affine', 'rigid' or None, got {transform!r}")
+    n = pair.spatial_dims
+    fixed_n = normalise_intensity(pair.fixed, prep.normalize, prep.percentiles, prep.ct_window)
+    moving_n = normalise_intensity(pair.moving, prep.normalize, prep.percentiles, prep.ct_window)
+    matrix = affine_register(
+        fixed_n.to(device),
+        moving_n.to(device),
+        torch.as_tensor(from_4x4(affine_of(pair.fixed), n)),
+        torch.as_tensor(from_4x4(affine_of(pair.moving), n)),
+        transform=transform,
+        **options,
+    )
+    return as_4x4(np.asarray(matrix.detach().cpu(), dtype=np.float64))
+
+
+def pre_aligned(image: MetaTensor, matrix: np.ndarray | None) -> MetaTensor:
+    """``image`` resampled through ``matrix`` ``T`` lazily: the same data with the affine ``T^-1 A``."""
+    if matrix is None:
+        return image
+    data = image.as_tensor() if isinstance(image, MetaTensor) else image
+    return MetaTensor(data, affine=torch.as_tensor(np.linalg.inv(matrix) @ affine_of(image)))
+
+
+def total_ddf(ddf: Tensor, matrix: np.ndarray | None, fixed_affine: np.ndarray) -> Tensor:
+    """The whole transform, affine then deformable, as one voxel DDF ``(N, *S)`` on the fixed grid:
+    ``A_f^-1 T A_f (x + d(x)) - x`` (``d``: the network's field relative to the pre-aligned moving image)."""
+    if matrix is None:
+        return ddf
+    n = ddf.shape[0]
+    voxel = from_4x4(np.linalg.inv(fixed_affine) @ matrix @ fixed_affine, n)
+    linear = torch.as_tensor(voxel[:n, :n], device=ddf.device, dtype=torch.float64)
+    moved = torch.einsum("ij,j...->i...", linear, ddf.to(torch.float64))
+    out = affine_ddf(voxel, ddf.shape[1:], dtype=torch.float64, device=ddf.device)[0] + moved
+    return out.to(ddf.dtype)
+
+
+def initial_metrics(pair: PairInputs, matrix: np.ndarray | None = None) -> dict[str, Any]:
+    """Dice / HD95 / TRE before registration (identity in physical space: ``*_initial``) and, with a
+    pre-alignment ``matrix``, after the affine stage alone (``*_affine``)."""
+    out: dict[str, Any] = {}
+    fixed_affine = affine_of(pair.fixed)
+    spacing = spacing_from_affine(fixed_affine, pair.spatial_dims)
+    zero = torch.zeros(pair.spatial_dims, *pair.fixed.shape[1:])
+    stages = [("initial", None)] + ([("affine", matrix)] if matrix is not None else [])
+    for suffix, stage in stages:
+        ddf = total_ddf(zero, stage, fixed_affine)
+        if pair.fixed_label is not None and pair.moving_label is not None:
+            labels = label_metrics(ddf, pair.fixed, pair.fixed_label, pair.moving_label, None, spacing)[0]
+            out[f"dice_mean_{suffix}"], out[f"hd95_mm_{suffix}"] = labels["dice_mean"], labels["hd95_mm"]
+        if pair.fixed_points is not None and stage is not None:
+            fixed_vox = lps_to_voxel(pair.fixed_points, fixed_affine)
+            moving_vox = lps_to_voxel(pair.moving_points, fixed_affine)
+            out[f"tre_mm_{suffix}"] = float(np.mean(tre(fixed_vox, moving_vox, ddf.numpy(), spacing)))
+    return out
+
+
+class _Stages:
+    """Times the named steps of :func:`register` and reports each through ``progress``."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress, self.times, self._last = progress, {}, time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.times[name] = now - self._last
+        self._last = now
+        if self.progress is not None:
+            self.progress(f"{name}: {self.times[name]:.2f} s")
+
+
+def register(
+    fixed: ImageLike,
+    moving: ImageLike,
+    method: str = "ddrnet",
+    *,
+    fixed_label: ImageLike | None = None,
+    moving_label: ImageLike | None = None,
+    fixed_landmarks: PointsLike | None = None,
+    moving_landmarks: PointsLike | None = None,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    instance_opt: int = 0,
+    affine: str | None = "affine",
+    affine_options: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> RegistrationResult:
+    """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
+
+    Images: file paths or ``MetaTensor`` ``(C, *S)`` (plain tensors get an identity affine). Labels: integer
+    label maps (paths or tensors ``(1, *S)``). Landmarks: CSV paths or ``(K, N)`` arrays, physical LPS mm,
+    rows corresponding. ``weights``: default ``bundles/<method>/models/model.pt``. ``instance_opt``: number
+    of Adam steps of test-time optimisation of the network's transform parameters with the bundle's loss.
+    ``affine``: the pre-alignment stage, ``"affine"`` (default), ``"rigid"`` or None (off);
+    ``affine_options`` go to :func:`regnet_zoo.core.affine.affine_register` (e.g. ``{"similarity": "mi"}``).
+    The result's fields hold the whole transform (affine then deformable). ``progress``: called with one
+    line per finished step (name and seconds), e.g. ``print`` to stderr.
+    """
+    check_method(method)
+    if int(instance_opt) < 0:
+        raise RegistrationInputError(f"instance_opt must be >= 0 steps, got {instance_opt}")
+    affine = None if affine in (None, "none", False) else affine
+    if affine not in (None, "affine", "rigid"):
+        raise RegistrationInputError(f"affine must be 'affine', 'rigid' or None, got {affine!r}")
+    device = resolve_device(device)
+    stages = _Stages(progress)
+    pair = check_inputs(fixed, moving, fixed_label, moving_label, fixed_landmarks, moving_landmarks)
+    stages.done("load inputs")
+    network, prep = prepare_network(method, weights, device, pair)
+    instance_loss = bundle_instance_loss(method, pair.spatial_dims, device) if instance_opt else None
+    stages.done(f"load {method} network")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    matrix = None
+    if affine is not None:
+        matrix = affine_stage(pair, prep, affine, device, **dict(affine_options or {}))
+        stages.done(f"{affine} pre-alignment")
+    moving = pre_aligned(pair.moving, matrix)
+    ddf = predict_ddf(network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss)
+    extra = f" + {instance_opt} instance-optimisation steps" if instance_opt else ""
+    stages.done(f"{method} network{extra}")
+    ddf = total_ddf(ddf, matrix, affine_of(pair.fixed))
+    warped, warped_label, metrics = warp_and_evaluate(pair, ddf)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
+    else:  # Linux reports the process's peak resident set in KiB
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics["runtime_s"] = time.perf_counter() - start
+    metrics["peak_memory_mb"] = peak_mb
+    stages.done("warp and metrics")
+    metrics.update(initial_metrics(pair, matrix))
+    metrics["stage_s"] = dict(stages.times)
+    return _result(pair, ddf.cpu(), warped, warped_label, metrics, matrix)
+
+
+def _result(
+    pair: PairInputs,
+    ddf: Tensor,
+    warped: Tensor,
+    warped_label: MetaTensor | None,
+    metrics: dict,
+    matrix: np.ndarray | None = None,
+) -> RegistrationResult:
+    fixed_affine = affine_of(pair.fixed)
+    affine_t = torch.as_tensor(fixed_affine)
+    jac = jacobian_determinant(ddf[None].double())[0].float()
+    return RegistrationResult(
+        warped=MetaTensor(warped.cpu(), affine=affine_t),
+        warped_label=warped_label,
+        ddf_voxel=ddf,
+        ddf_itk=ddf_to_itk(ddf, fixed_affine),
+        jacobian=MetaTensor(jac, affine=affine_t),
+        metrics=metrics,
+        affine=matrix,
+        source_files=pair.source_files,
+    )

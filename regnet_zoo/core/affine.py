@@ -1,0 +1,443 @@
+"""Affine (and rigid) pre-alignment in physical space, in torch (CPU and GPU, 2D and 3D).
+
+:func:`affine_register` returns a ``(N+1, N+1)`` float64 matrix ``T`` in physical (world) coordinates: for a
+fixed physical point ``p``, ``T @ p`` is the corresponding moving physical point, so that
+``warped(p) = moving(T p) ~ fixed(p)``. The world frame is whatever the voxel->world matrices map into
+(RAS for NIfTI / MONAI ``MetaTensor.affine``); ``T`` is in the same frame.
+
+Method (one pass per pyramid level, coarse to fine):
+
+- intensities are rescaled robustly to [0, 1] (0.5 / 99.5 percentiles, clipped);
+- the pyramid is built in *physical* space: level ``l`` has a target spacing ``t0 * 2**l``, each image is
+  block-averaged by an integer factor per axis towards it (so anisotropic voxels and grids of different sizes
+  meet at a common resolution); ``t0`` is the fixed image's finest spacing, coarsened where needed so that a
+  level holds at most ``max_voxels`` voxels;
+- ``T(p) = M (p - c) + c + t`` with ``c`` the fixed image's centre (of mass for ``init="moments"``), ``t``
+  initialised from the centres of both images, ``M = R(theta) diag(exp(s)) (I + U)`` (``U`` strictly upper
+  triangular shears): 12 / 6 degrees of freedom for "affine", 6 / 3 for "rigid" (rotation and translation);
+- every parameter is expressed in mm at the fixed image's RMS radius (rotation angle, log-scale and shear are
+  divided by the radius), so that one optimiser step moves points by comparable distances whatever the
+  parameter; the step size of each level is a fraction of the level's spacing;
+- the moving image is sampled with ``F.grid_sample`` on the fixed level grid through one composed matrix
+  (``F.affine_grid``); the similarity is weighted by the optional fixed mask and by the overlap (samples that
+  fall outside the moving image do not count);
+- Adam (default) or L-BFGS. There is no random sampling, so results are deterministic for a given device.
+
+Similarities (all "lower is better" internally): ``"lncc"`` (local squared NCC, box window), ``"ncc"``
+(global NCC), ``"mi"`` (mutual information with Gaussian Parzen windows, for multi-modal pairs) and ``"mse"``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from regnet_zoo.core.spatial import identity_grid, sample_image
+from regnet_zoo.errors import RegistrationInputError
+
+__all__ = ["affine_register", "affine_voxel_map", "resample_affine", "SIMILARITIES", "TRANSFORMS"]
+
+SIMILARITIES = ("lncc", "ncc", "mi", "mse")
+TRANSFORMS = ("rigid", "affine")
+INITIALISATIONS = ("moments", "geometry", "identity")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input checks and small geometry helpers (private: the generic geometry lives in core/geometry.py)
+# ----------------------------------------------------------------------------------------------------------
+def _as_image(image: Tensor, name: str) -> Tensor:
+    """``(C, *S)`` or ``(1, C, *S)`` -> plain float32 ``(1, C, *S)``."""
+    if not isinstance(image, Tensor):
+        image = torch.as_tensor(np.asarray(image))
+    image = image.as_subclass(Tensor).detach()
+    if image.ndim in (3, 4):
+        image = image.unsqueeze(0)
+    if image.ndim not in (4, 5) or image.shape[0] != 1:
+        raise RegistrationInputError(
+            f"{name}: expected (C, *S) or (1, C, *S) with 2 or 3 spatial dims, got {tuple(image.shape)}"
+        )
+    image = image.float()
+    if not torch.isfinite(image).all():
+        raise RegistrationInputError(f"{name}: image contains NaN or inf")
+    return image
+
+
+def _as_matrix(affine, spatial_dims: int, name: str, device) -> Tensor:
+    matrix = affine.as_subclass(Tensor) if isinstance(affine, Tensor) else torch.as_tensor(np.asarray(affine))
+    matrix = matrix.detach().to(device=device, dtype=torch.float64)
+    if matrix.shape != (spatial_dims + 1, spatial_dims + 1):
+        raise RegistrationInputError(
+            f"{name}: expected a ({spatial_dims + 1}, {spatial_dims + 1}) voxel->world matrix, "
+            f"got {tuple(matrix.shape)}"
+        )
+    if not torch.isfinite(matrix).all() or abs(float(torch.linalg.det(matrix[:spatial_dims, :spatial_dims]))) < 1e-12:
+        raise RegistrationInputError(f"{name}: the voxel->world matrix is singular or not finite")
+    return matrix
+
+
+def _spacing(matrix: Tensor) -> Tensor:
+    """Voxel size per array axis: column norms of the linear part."""
+    n = matrix.shape[0] - 1
+    return torch.linalg.norm(matrix[:n, :n], dim=0)
+
+
+def _homogeneous(linear: Tensor, offset: Tensor) -> Tensor:
+    n = linear.shape[0]
+    out = torch.eye(n + 1, dtype=linear.dtype, device=linear.device)
+    out = torch.cat([torch.cat([linear, offset.reshape(n, 1)], dim=1), out[n:]], dim=0)
+    return out
+
+
+def _normalise(image: Tensor) -> Tensor:
+    """Robust rescale to [0, 1] per channel (0.5 / 99.5 percentiles on at most ~1M voxels, clipped)."""
+    flat = image.reshape(image.shape[1], -1)
+    stride = max(1, flat.shape[1] // 1_000_000)
+    sample = flat[:, ::stride]
+    lo = torch.quantile(sample, 0.005, dim=1, keepdim=True)
+    hi = torch.quantile(sample, 0.995, dim=1, keepdim=True)
+    flat = ((flat - lo) / (hi - lo).clamp_min(1e-8)).clamp(0.0, 1.0)
+    return flat.reshape(image.shape)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# physical pyramid
+# ----------------------------------------------------------------------------------------------------------
+def _pool(image: Tensor, matrix: Tensor, factors: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Block-average by integer ``factors`` per axis; the voxel->world matrix of the pooled grid."""
+    if all(f == 1 for f in factors):
+        return image, matrix
+    pool = F.avg_pool3d if image.ndim == 5 else F.avg_pool2d
+    pooled = pool(image, kernel_size=tuple(factors), stride=tuple(factors))
+    f = torch.tensor(factors, dtype=torch.float64, device=matrix.device)
+    # pooled voxel j covers voxels j*f .. j*f+f-1: its centre is at j*f + (f-1)/2
+    return pooled, matrix @ _homogeneous(torch.diag(f), (f - 1) / 2)
+
+
+def _factors(spacing: Tensor, shape: Sequence[int], target: float, min_size: int) -> list[int]:
+    factors = []
+    for s, n in zip(spacing.tolist(), shape, strict=True):
+        f = max(1, int(round(target / s)))
+        f = min(f, max(1, n // min_size))  # keep at least ``min_size`` voxels per axis
+        factors.append(f)
+    return factors
+
+
+# ----------------------------------------------------------------------------------------------------------
+# similarities (weighted; lower is better)
+# ----------------------------------------------------------------------------------------------------------
+def _wmean(x: Tensor, weight: Tensor) -> Tensor:
+    return (x * weight).sum() / (weight.sum() * x.shape[1]).clamp_min(1e-8)
+
+
+def _box(x: Tensor, kernel_size: int) -> Tensor:
+    pool = F.avg_pool3d if x.ndim == 5 else F.avg_pool2d
+    return pool(x, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
+
+
+def _lncc(fixed: Tensor, warped: Tensor, weight: Tensor, kernel_size: int) -> Tensor:
+    """Local squared NCC averaged where the *fixed* image has local structure (soft weight
+    ``var_f / (var_f + mean var_f)``): flat background then cannot reward moving structure into it, which
+    otherwise biases the affine towards magnifying the moving image."""
+    mf, mw = _box(fixed, kernel_size), _box(warped, kernel_size)
+    cross = _box(fixed * warped, kernel_size) - mf * mw
+    var_f = (_box(fixed * fixed, kernel_size) - mf * mf).clamp_min(0.0)
+    var_w = (_box(warped * warped, kernel_size) - mw * mw).clamp_min(0.0)
+    cc = cross * cross / (var_f * var_w + 1e-10)
+    structure = (var_f / (var_f + _wmean(var_f, weight))).detach()
+    return -_wmean(cc, weight * structure)
+
+
+def _ncc(fixed: Tensor, warped: Tensor, weight: Tensor) -> Tensor:
+    total = weight.sum().clamp_min(1e-8)
+    dims = tuple(range(2, fixed.ndim))
+    mf = (fixed * weight).sum(dims, keepdim=True) / total
+    mw = (warped * weight).sum(dims, keepdim=True) / total
+    df, dw = fixed - mf, warped - mw
+    cross = (df * dw * weight).sum(dims)
+    norm = torch.sqrt((df * df * weight).sum(dims) * (dw * dw * weight).sum(dims) + 1e-10)
+    return -(cross / norm).mean()
+
+
+def _parzen(x: Tensor, bins: int) -> Tensor:
+    """Gaussian Parzen weights ``(K, bins)`` of intensities ``x`` ``(K,)`` in [0, 1] (one bin = one sigma)."""
+    centres = (torch.arange(bins, device=x.device, dtype=x.dtype) + 0.5) / bins
+    w = torch.exp(-0.5 * ((x[:, None] - centres[None]) * bins) ** 2)
+    return w / w.sum(dim=1, keepdim=True).clamp_min(1e-8)
+
+
+def _mi(fixed: Tensor, warped: Tensor, weight: Tensor, bins: int) -> Tensor:
+    loss = fixed.new_zeros(())
+    w = weight.reshape(-1)
+    keep = w > 0
+    w = w[keep]
+    for c in range(fixed.shape[1]):
+        pf = _parzen(fixed[0, c].reshape(-1)[keep], bins) * w[:, None]
+        pw = _parzen(warped[0, c].reshape(-1)[keep], bins)
+        joint = pf.T @ pw / w.sum().clamp_min(1e-8)
+        marg_f, marg_w = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
+        mi = (joint * (torch.log(joint + 1e-10) - torch.log(marg_f @ marg_w + 1e-10))).sum()
+        loss = loss - mi
+    return loss / fixed.shape[1]
+
+
+def _similarity(name: str, fixed: Tensor, warped: Tensor, weight: Tensor, kernel_size: int, bins: int):
+    if name == "lncc":
+        return _lncc(fixed, warped, weight, kernel_size)
+    if name == "ncc":
+        return _ncc(fixed, warped, weight)
+    if name == "mi":
+        return _mi(fixed, warped, weight, bins)
+    return _wmean((fixed - warped) ** 2, weight)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# parameterisation
+# ----------------------------------------------------------------------------------------------------------
+def _rotation(angles: Tensor, spatial_dims: int) -> Tensor:
+    if spatial_dims == 2:
+        c, s = torch.cos(angles[0]), torch.sin(angles[0])
+        return torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    skew = angles.new_zeros(3, 3)
+    skew = skew.index_put((torch.tensor([2, 0, 1]), torch.tensor([1, 2, 0])), angles)
+    skew = skew - skew.T
+    return torch.linalg.matrix_exp(skew)
+
+
+def _n_params(transform: str, spatial_dims: int) -> int:
+    rot = 1 if spatial_dims == 2 else 3
+    if transform == "rigid":
+        return rot + spatial_dims
+    return rot + spatial_dims + spatial_dims * (spatial_dims - 1) // 2 + spatial_dims
+
+
+def _matrix(params: Tensor, transform: str, spatial_dims: int, radius: float, centre: Tensor) -> Tensor:
+    """Homogeneous ``T(p) = M (p - c) + c + t`` from the scaled parameters (all in mm at ``radius``)."""
+    n = spatial_dims
+    rot = 1 if n == 2 else 3
+    linear = _rotation(params[:rot] / radius, n)
+    t = params[rot : rot + n]
+    if transform == "affine":
+        n_shear = n * (n - 1) // 2
+        shear = params[rot + n : rot + n + n_shear] / radius
+        log_scale = params[rot + n + n_shear :] / radius
+        upper = torch.triu_indices(n, n, offset=1)
+        shear_matrix = torch.eye(n, dtype=params.dtype, device=params.device).index_put(
+            (upper[0], upper[1]), shear
+        )
+        linear = linear @ torch.diag(torch.exp(log_scale)) @ shear_matrix
+    return _homogeneous(linear, centre + t - linear @ centre)
+
+
+def _centre(image: Tensor, matrix: Tensor, mode: str) -> Tensor:
+    """Physical centre: intensity centre of mass (``"moments"``) or the grid's geometric centre."""
+    shape = image.shape[2:]
+    n = len(shape)
+    if mode == "moments":
+        mass = image.sum(1)[0].double()
+        total = mass.sum()
+        if total > 0:
+            idx = []
+            for axis in range(n):
+                other = tuple(a for a in range(n) if a != axis)
+                profile = mass.sum(other) if other else mass
+                coords = torch.arange(shape[axis], dtype=torch.float64, device=image.device)
+                idx.append((profile * coords).sum() / total)
+            voxel = torch.stack(idx)
+            return matrix[:n, :n] @ voxel + matrix[:n, n]
+    voxel = torch.tensor([(s - 1) / 2 for s in shape], dtype=torch.float64, device=image.device)
+    return matrix[:n, :n] @ voxel + matrix[:n, n]
+
+
+def _grid_to_normalised(shape: Sequence[int], device) -> tuple[Tensor, Tensor]:
+    """Homogeneous matrices voxel index (array order) <-> ``grid_sample`` coordinates (reversed order)."""
+    n = len(shape)
+    half = torch.tensor([max(s - 1, 1) / 2 for s in shape], dtype=torch.float64, device=device)
+    reverse = torch.eye(n, dtype=torch.float64, device=device).flip(0)
+    # normalised u (x, y[, z]) -> index: idx = half * (reverse u + 1)
+    to_index = _homogeneous(torch.diag(half) @ reverse, half)
+    return to_index, torch.linalg.inv(to_index)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# registration
+# ----------------------------------------------------------------------------------------------------------
+def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
+    values = [int(value)] * levels if isinstance(value, int | float) else [int(v) for v in value]
+    if len(values) != levels or any(v < 0 for v in values):
+        raise RegistrationInputError(f"{name}: expected {levels} non-negative values (coarse to fine), got {value}")
+    return values
+
+
+def affine_register(
+    fixed: Tensor,
+    moving: Tensor,
+    fixed_affine,
+    moving_affine,
+    *,
+    transform: str = "affine",
+    similarity: str = "lncc",
+    levels: int = 3,
+    iterations: int | Sequence[int] = (80, 40, 20),
+    learning_rate: float = 0.3,
+    optimizer: str = "adam",
+    init: str = "moments",
+    fixed_mask: Tensor | None = None,
+    max_voxels: int | None = 32_768,
+    kernel_size: int = 5,
+    bins: int = 32,
+    min_size: int = 8,
+) -> Tensor:
+    """Affine or rigid registration of ``moving`` to ``fixed`` in physical space -> ``(N+1, N+1)`` float64.
+
+    fixed, moving: ``(C, *S)`` or ``(1, C, *S)``, any intensity range, their own grids.
+    fixed_affine, moving_affine: ``(N+1, N+1)`` voxel->world matrices (e.g. ``MetaTensor.affine``, RAS).
+    transform: "rigid" or "affine". similarity: "lncc", "ncc", "mi" (multi-modal) or "mse".
+    levels / iterations: pyramid levels and optimiser steps per level (coarse to fine; an int for all).
+    learning_rate: step size as a fraction of each level's spacing (Adam; L-BFGS uses it as its ``lr`` / 10).
+    init: "moments" (centres of mass), "geometry" (grid centres) or "identity".
+    fixed_mask: optional ``(1, *S)`` / ``(*S)`` / ``(1, 1, *S)`` weights on the fixed grid.
+    max_voxels: cap on the voxels of a level's fixed grid (the finest level is coarsened beyond it; None: off).
+    Returns ``T`` (on the fixed image's device) with ``warped(p) = moving(T p)`` for world points ``p``.
+    """
+    if transform not in TRANSFORMS:
+        raise RegistrationInputError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
+    if similarity not in SIMILARITIES:
+        raise RegistrationInputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+    if init not in INITIALISATIONS:
+        raise RegistrationInputError(f"init must be one of {INITIALISATIONS}, got {init!r}")
+    if optimizer not in ("adam", "lbfgs"):
+        raise RegistrationInputError(f"optimizer must be 'adam' or 'lbfgs', got {optimizer!r}")
+    if levels < 1:
+        raise RegistrationInputError(f"levels must be >= 1, got {levels}")
+    iterations = _per_level(iterations, levels, "iterations")
+
+    fixed_img, moving_img = _as_image(fixed, "fixed"), _as_image(moving, "moving").to(fixed.device)
+    n = fixed_img.ndim - 2
+    if moving_img.ndim - 2 != n or moving_img.shape[1] != fixed_img.shape[1]:
+        raise RegistrationInputError(
+            f"fixed {tuple(fixed_img.shape)} and moving {tuple(moving_img.shape)} need the same spatial "
+            "dimensionality and channels"
+        )
+    device = fixed_img.device
+    a_fixed = _as_matrix(fixed_affine, n, "fixed_affine", device)
+    a_moving = _as_matrix(moving_affine, n, "moving_affine", device)
+    weight_full = torch.ones_like(fixed_img[:, :1])
+    if fixed_mask is not None:
+        mask = torch.as_tensor(fixed_mask).as_subclass(Tensor).to(device=device, dtype=torch.float32)
+        mask = mask.reshape(1, 1, *mask.shape[-n:])
+        if mask.shape[2:] != fixed_img.shape[2:]:
+            raise RegistrationInputError(
+                f"fixed_mask {tuple(mask.shape[2:])} must be on the fixed grid {tuple(fixed_img.shape[2:])}"
+            )
+        weight_full = (mask > 0).float()
+
+    fixed_img, moving_img = _normalise(fixed_img), _normalise(moving_img)
+    with torch.no_grad():
+        centre = _centre(fixed_img * weight_full, a_fixed, init if init != "identity" else "geometry")
+        if init == "identity":
+            offset = torch.zeros(n, dtype=torch.float64, device=device)
+        else:
+            offset = _centre(moving_img, a_moving, init) - _centre(fixed_img * weight_full, a_fixed, init)
+
+    spacing_f, spacing_m = _spacing(a_fixed), _spacing(a_moving)
+    finest = float(spacing_f.min())
+    if max_voxels:
+        extent = float(torch.prod(spacing_f * torch.tensor(fixed_img.shape[2:], device=device)))
+        finest = max(finest, (extent / max_voxels) ** (1.0 / n))
+
+    params = torch.zeros(_n_params(transform, n), dtype=torch.float64, device=device)
+    rot = 1 if n == 2 else 3
+    params[rot : rot + n] = offset
+    radius = None
+    for level in reversed(range(levels)):
+        target = finest * 2**level
+        f_img, f_mat = _pool(fixed_img, a_fixed, _factors(spacing_f, fixed_img.shape[2:], target, min_size))
+        weight, _ = _pool(weight_full, a_fixed, _factors(spacing_f, fixed_img.shape[2:], target, min_size))
+        m_img, m_mat = _pool(moving_img, a_moving, _factors(spacing_m, moving_img.shape[2:], target, min_size))
+        if radius is None:  # RMS distance of the (finest-level) fixed grid from the centre, fixed for all levels
+            grid = identity_grid(fixed_img.shape[2:], device=device, dtype=torch.float64)[0].reshape(n, -1)
+            points = a_fixed[:n, :n] @ grid + a_fixed[:n, n : n + 1]
+            radius = float(torch.sqrt(((points - centre[:, None]) ** 2).sum(0).mean()).clamp_min(1e-3))
+        if iterations[level] == 0:
+            continue
+        f_to_index, _ = _grid_to_normalised(f_img.shape[2:], device)
+        _, m_from_index = _grid_to_normalised(m_img.shape[2:], device)
+        left = m_from_index @ torch.linalg.inv(m_mat)
+        right = f_mat @ f_to_index
+        size = (1, m_img.shape[1], *f_img.shape[2:])
+        level_spacing = float(_spacing(f_mat).max())
+
+        def loss_fn(p: Tensor, f_img=f_img, m_img=m_img, weight=weight, left=left, right=right, size=size):
+            theta = (left @ _matrix(p, transform, n, radius, centre) @ right)[:n].float()
+            grid = F.affine_grid(theta[None], list(size), align_corners=True)
+            warped = F.grid_sample(m_img, grid, mode="bilinear", padding_mode="border", align_corners=True)
+            inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
+            return _similarity(similarity, f_img, warped, weight * inside, kernel_size, bins)
+
+        params = _optimise(loss_fn, params, optimizer, iterations[level], learning_rate * level_spacing)
+    return _matrix(params.detach(), transform, n, radius, centre)
+
+
+def _optimise(loss_fn, params: Tensor, optimizer: str, iterations: int, step: float) -> Tensor:
+    params = params.detach().clone().requires_grad_(True)
+    if optimizer == "lbfgs":
+        opt = torch.optim.LBFGS([params], lr=1.0, max_iter=iterations, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(params)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return params.detach()
+    opt = torch.optim.Adam([params], lr=step)
+    for i in range(iterations):
+        # cosine decay to 10 % of the step: coarse moves first, then settle
+        for group in opt.param_groups:
+            group["lr"] = step * (0.1 + 0.45 * (1 + math.cos(math.pi * i / max(iterations, 1))))
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        opt.step()
+    return params.detach()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# using the result
+# ----------------------------------------------------------------------------------------------------------
+def affine_voxel_map(transform: Tensor, fixed_affine, moving_affine) -> Tensor:
+    """``(N+1, N+1)`` float64 map from fixed voxel indices to moving voxel indices: ``A_m^-1 T A_f``."""
+    t = torch.as_tensor(transform).as_subclass(Tensor).to(torch.float64)
+    n = t.shape[0] - 1
+    a_f = _as_matrix(fixed_affine, n, "fixed_affine", t.device)
+    a_m = _as_matrix(moving_affine, n, "moving_affine", t.device)
+    return torch.linalg.inv(a_m) @ t @ a_f
+
+
+def resample_affine(
+    moving: Tensor,
+    transform: Tensor,
+    fixed_affine,
+    moving_affine,
+    fixed_shape: Sequence[int],
+    mode: str = "linear",
+    padding_mode: str = "zeros",
+) -> Tensor:
+    """The moving image ``(C, *S_m)`` resampled with ``T`` onto the fixed grid ``fixed_shape`` -> ``(C, *S_f)``.
+
+    ``mode`` / ``padding_mode`` as :func:`regnet_zoo.core.spatial.sample_image` ("nearest" for label maps).
+    """
+    image = moving.as_subclass(Tensor) if isinstance(moving, Tensor) else torch.as_tensor(moving)
+    n = len(fixed_shape)
+    vox = affine_voxel_map(transform, fixed_affine, moving_affine).to(image.device)
+    grid = identity_grid(fixed_shape, device=image.device, dtype=torch.float64)
+    coords = torch.einsum("ij,bj...->bi...", vox[:n, :n], grid) + vox[:n, n].reshape(1, n, *([1] * n))
+    dtype = torch.float32 if not image.is_floating_point() else image.dtype
+    out = sample_image(image[None], coords.to(dtype), mode=mode, padding_mode=padding_mode)
+    return out[0]

@@ -1,0 +1,185 @@
+"""The registration pipeline: one preprocessing path, the affine stage composed with the network, stages.
+
+Independent references: the bundles' own inference transforms (MONAI ``Compose`` from the config), SimpleITK
+``ReadTransform`` / ``Resample`` / ``CompositeTransform`` for the written affine and the whole field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from torch import nn
+
+import regnet_zoo
+from regnet_zoo import METHODS
+from regnet_zoo.api import pipeline, register
+from regnet_zoo.api.methods import bundle_preprocessing
+from regnet_zoo.bundle import bundle_parser
+from regnet_zoo.cli import main
+from regnet_zoo.data.preprocess import Preprocessing
+
+PACKAGED = [m for m in METHODS if (regnet_zoo.project_root() / "bundles" / m / "train.yaml").is_file()]
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory) -> Path:
+    from regnet_zoo.data.phantom import make_phantom_dataset
+
+    return make_phantom_dataset(tmp_path_factory.mktemp("phantom") / "ph", 2, n_subjects=4, size=32, n_val=2)
+
+
+def case(phantom_dir: Path, n: int, folder: str = "imagesTr") -> Path:
+    return phantom_dir / folder / f"PHANTOM2D_{n:04d}_0000.nii.gz"
+
+
+class ConstantShift(nn.Module):
+    """Test double for a trained network: one constant displacement (voxels of its input grid); records
+    the inputs it is given."""
+
+    in_channels = 1
+
+    def __init__(self, shift=(0.0, 0.0)):
+        super().__init__()
+        self.shift = torch.tensor(shift)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, fixed, moving):
+        self.seen.append((fixed.clone(), moving.clone()))
+        ddf = self.shift.view(1, -1, *[1] * (fixed.ndim - 2)).expand(fixed.shape[0], -1, *fixed.shape[2:])
+        return {"ddf": ddf.clone(), "warped": moving}
+
+
+@pytest.mark.parametrize("method", PACKAGED)
+@pytest.mark.parametrize("overrides", [{"image_size": [24, 40]}, {"transforms#pad_multiple": 16}])
+def test_network_input_is_the_same_through_bundle_transforms_and_register(
+    method, overrides, phantom_dir, tmp_path, monkeypatch
+):
+    fixed, moving = case(phantom_dir, 3), case(phantom_dir, 4)
+    parser = bundle_parser(method, "inference", spatial_dims=2, **overrides)
+    transforms = parser.get_parsed_content("transforms")
+    expected = transforms({"fixed": str(fixed), "moving": str(moving)})
+    network = ConstantShift()
+    prep = bundle_preprocessing(method, 2, **overrides)
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (network, prep))
+    register(fixed, moving, method, affine=None)
+    (fixed_in, moving_in), = network.seen
+    assert fixed_in.shape[2:] == expected["fixed"].shape[1:]
+    if "image_size" in overrides:
+        assert tuple(fixed_in.shape[2:]) == (24, 40)
+    else:
+        assert all(n % 16 == 0 for n in fixed_in.shape[2:])
+    torch.testing.assert_close(fixed_in, expected["fixed"].as_tensor()[None], atol=1e-6, rtol=0)
+    torch.testing.assert_close(moving_in, expected["moving"].as_tensor()[None], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the affine stage composed with the network
+# ----------------------------------------------------------------------------------------------------------
+def write_image(arr: np.ndarray, path: Path, spacing, origin, angle: float) -> sitk.Image:
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
+    image.SetSpacing([float(v) for v in spacing])
+    image.SetOrigin([float(v) for v in origin])
+    c, s = math.cos(angle), math.sin(angle)
+    image.SetDirection([c, -s, s, c])
+    sitk.WriteImage(image, str(path))
+    return image
+
+
+def blobs(shape, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
+    out = np.full(shape, 0.2)
+    for _ in range(5):
+        centre = rng.uniform(-0.6, 0.6, len(shape)).reshape(-1, 1, 1)
+        out += rng.uniform(0.5, 1.0) * np.exp(-((grid - centre) ** 2).sum(0) / 0.1)
+    return out.astype(np.float32)
+
+
+def sitk_array(image: sitk.Image) -> np.ndarray:
+    arr = sitk.GetArrayFromImage(image)
+    axes = (1, 0) + ((2,) if image.GetNumberOfComponentsPerPixel() > 1 else ())
+    return np.transpose(arr, axes)
+
+
+@pytest.fixture()
+def oblique_pair(tmp_path):
+    fixed = write_image(blobs((28, 24), 1), tmp_path / "f.nii.gz", (1.5, 1.0), (10.0, -3.0), 0.3)
+    moving = write_image(blobs((30, 26), 2), tmp_path / "m.nii.gz", (1.2, 1.1), (6.0, -8.0), -0.2)
+    c, s = math.cos(0.15), math.sin(0.15)
+    matrix = np.eye(4)  # physical RAS, fixed point -> moving point
+    matrix[:2, :2] = [[1.05 * c, -s], [s, 0.95 * c]]
+    matrix[:2, 3] = [2.0, -1.5]
+    return tmp_path / "f.nii.gz", tmp_path / "m.nii.gz", fixed, moving, matrix
+
+
+@pytest.mark.parametrize("shift", [(0.0, 0.0), (1.5, -2.0)])
+def test_affine_stage_whole_transform_and_itk_files(oblique_pair, shift, tmp_path, monkeypatch):
+    """Fields hold affine then deformable: ddf_itk(p) == T(p + d_mm) - p (SimpleITK composite transform);
+    affine.tfm resamples the moving image as the affine-only registration; affine.txt holds T."""
+    fixed_path, moving_path, fixed_sitk, moving_sitk, matrix = oblique_pair
+    network = ConstantShift(shift)
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (network, Preprocessing()))
+    monkeypatch.setattr(pipeline, "affine_stage", lambda *args, **kwargs: matrix)
+    result = register(fixed_path, moving_path, "ddrnet")
+    paths = result.save(tmp_path / "out")
+    np.testing.assert_allclose(np.loadtxt(paths["affine_txt"]), matrix, atol=1e-9)
+    affine_tfm = sitk.ReadTransform(str(paths["affine_tfm"]))
+    # the network saw the moving image resampled through T: with d = 0 the result is the affine warp
+    direction = np.array(fixed_sitk.GetDirection()).reshape(2, 2)
+    d_mm = direction @ (np.array(fixed_sitk.GetSpacing()) * shift)
+    composite = sitk.CompositeTransform([affine_tfm, sitk.TranslationTransform(2, d_mm.tolist())])
+    field = sitk_array(result.ddf_itk)
+    for index in [(0, 0), (5, 17), (27, 23), (13, 2)]:
+        p = np.array(fixed_sitk.TransformIndexToPhysicalPoint(index))
+        moved = np.array(composite.TransformPoint(p.tolist()))
+        np.testing.assert_allclose(field[index], moved - p, atol=1e-5)
+    expected = sitk.Resample(moving_sitk, fixed_sitk, composite)
+    np.testing.assert_allclose(result.warped[0].numpy(), sitk_array(expected), atol=2e-4)
+    if shift == (0.0, 0.0):
+        affine_only = sitk.Resample(moving_sitk, fixed_sitk, affine_tfm)
+        np.testing.assert_allclose(result.warped[0].numpy(), sitk_array(affine_only), atol=2e-4)
+
+
+def test_affine_none_writes_no_affine_and_register_rejects_unknown_stage(oblique_pair, tmp_path, monkeypatch):
+    fixed_path, moving_path, *_ = oblique_pair
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (ConstantShift(), Preprocessing()))
+    result = register(fixed_path, moving_path, "ddrnet", affine=None)
+    assert result.affine is None
+    paths = result.save(tmp_path / "out")
+    assert "affine_txt" not in paths and not (tmp_path / "out" / "affine.tfm").exists()
+    with pytest.raises(ValueError, match="affine"):
+        register(fixed_path, moving_path, "ddrnet", affine="similarity")
+
+
+def test_cli_reports_stages_unless_quiet_and_metrics_hold_initial_dice(
+    phantom_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (ConstantShift(), Preprocessing()))
+    matrix = np.eye(4)
+    matrix[:2, 3] = [1.0, 0.5]
+    monkeypatch.setattr(pipeline, "affine_stage", lambda *args, **kwargs: matrix)
+    args = [
+        "register", "--fixed", case(phantom_dir, 3), "--moving", case(phantom_dir, 4),
+        "--fixed-label", case(phantom_dir, 3, "labelsTr"), "--moving-label", case(phantom_dir, 4, "labelsTr"),
+    ]  # fmt: skip
+    assert main([str(a) for a in args + ["--out", tmp_path / "a"]]) == 0
+    err = capsys.readouterr().err
+    assert "affine pre-alignment" in err and "ddrnet network" in err and "warp and metrics" in err
+    metrics = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    for key in ("dice_mean_initial", "hd95_mm_initial", "dice_mean_affine", "dice_mean", "stage_s"):
+        assert metrics[key] is not None, key
+    # the network moves nothing here: the final Dice is the affine stage's, not the initial one
+    assert metrics["dice_mean"] == pytest.approx(metrics["dice_mean_affine"], abs=1e-9)
+    assert metrics["dice_mean"] != pytest.approx(metrics["dice_mean_initial"], abs=1e-6)
+    assert main([str(a) for a in args + ["--out", tmp_path / "b", "--quiet", "--affine", "none"]]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert metrics["dice_mean"] == pytest.approx(metrics["dice_mean_initial"], abs=1e-9)
+    assert "dice_mean_affine" not in metrics
