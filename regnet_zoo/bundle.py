@@ -170,8 +170,7 @@ def check_overrides(name: str, config: str, overrides: Mapping[str, Any]) -> Non
             continue
         problem = _unknown_override(content, key)
         if problem is not None:
-            files = " + ".join(CONFIG_LAYERS[config])
-            raise RegistrationInputError(f"unknown override {key!r} for bundles/{name}/{files}: {problem}")
+            raise RegistrationInputError(f"unknown override {key!r} for bundle {name} ({config}): {problem}")
 
 
 def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
@@ -181,9 +180,9 @@ def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
     spatial_dims=3)``. An override the config does not have raises ``RegistrationInputError``
     (:func:`check_overrides`).
     """
+    check_overrides(name, config, overrides)
     from monai.bundle import run
 
-    check_overrides(name, config, overrides)
     root = bundle_dir(name)
     logging_file = root / "logging.conf"
     run(
