@@ -164,7 +164,9 @@ def check_overrides(name: str, config: str, overrides: Mapping[str, Any]) -> Non
     ``_target_`` accepts but the config leaves at its default is allowed, and so is anything below an
     expression or a reference.
     """
-    content = bundle_parser(name, config).get()
+    parser = ConfigParser()
+    parser.read_config(config_files(name, config))  # the configs alone: no metadata needed here
+    content = parser.get()
     for key in _overrides(dict(overrides)):
         if key in _RUN_ARGUMENTS or key == "bundle_root":
             continue
