@@ -354,6 +354,7 @@ def test_warp_label_map_needs_nearest_and_stays_integer(shift_files, stored, tmp
     common += ["--out", out]
     code, _, err = run(capsys, *common)
     assert_input_error(code, err, "--nearest")
+    assert len(err.strip().splitlines()) == 1
     assert not out.exists()
     code, _, err = run(capsys, *common, "--nearest")
     assert code == 0, err
@@ -387,6 +388,7 @@ def test_warp_linear_interpolates_integer_intensities(shift_files, tmp_path, cap
 def test_train_rejects_an_unknown_override_with_close_matches(override, suggestion, capsys):
     code, _, err = run(capsys, "train", "ddrnet", *override)
     assert_input_error(code, err, f"did you mean {suggestion}?")
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_run_bundle_rejects_an_unknown_override():
