@@ -1,4 +1,4 @@
-"""The network contract (``networks.pair.RegistrationNetwork``) holds for all five methods, in 2D and 3D."""
+"""The network contract (``networks.contract.RegistrationNetwork``) holds for all five methods, 2D and 3D."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import torch
 from scipy.ndimage import map_coordinates
 
 from regnet_zoo.networks.bspline_unet import BSplineUNet
+from regnet_zoo.networks.contract import REQUIRED_OUTPUT_KEYS, RegistrationNetwork
 from regnet_zoo.networks.ddrnet import DDRNet
 from regnet_zoo.networks.discrete_corr import DiscreteCorrNet
-from regnet_zoo.networks.pair import REQUIRED_OUTPUT_KEYS, RegistrationNetwork
 from regnet_zoo.networks.pwc import PWCRegistrationPyramid
 from regnet_zoo.networks.regnet import RegNet
 
