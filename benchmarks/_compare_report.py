@@ -18,7 +18,8 @@ _COLUMNS = (
     ("DSC30", "dice_mean_30", "{:.3f}"),
     ("HD95 mm", "hd95_mm", "{:.2f}"),
     ("TRE mm", "tre_mm", "{:.2f}"),
-    ("SDlogJ", "sdlogj", "{:.3f}"),
+    ("SDlogJ (clipped)", "sdlogj", "{:.3f}"),
+    ("SDlogJ L2R log(J+3)", "sdlogj_l2r", "{:.3f}"),
     ("% J<=0", "folding_percent", "{:.2f}"),
     ("s / pair", "time_per_pair_s", "{:.3g}"),
     ("train s", "train_time_s", "{:.1f}"),
@@ -28,7 +29,7 @@ _COLUMNS = (
 )
 
 
-_RSS_COLUMN = _COLUMNS[8]
+_RSS_COLUMN = next(c for c in _COLUMNS if c[1] == "peak_rss_mb")
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -98,7 +99,9 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         markdown_table(rows),
         "",
         "DSC: mean Dice over labels and pairs; DSC30: 0.3-quantile of per-pair Dice; HD95 / TRE in mm; "
-        "SDlogJ: std of log J (J > 0); % J<=0: folding; s / pair: registration time per pair; train s: "
+        "SDlogJ (clipped): std of log clip(J, 1e-9, 1e9) (corrected form: folds count); SDlogJ L2R: the "
+        "Learn2Reg challenge form std of log(J + 3); both and % J<=0 (folding) on the interior (2-voxel "
+        "crop); s / pair: registration time per pair; train s: "
         "training wall time (cached runs report the original); peak RSS: resident memory of the benchmark "
         "process while registering (in brackets: the increase over the level before that method's "
         "registration, i.e. its own working memory).",

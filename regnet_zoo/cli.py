@@ -57,8 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
             "Register MOVING to FIXED. Inputs may differ in size, spacing and orientation: the moving image "
             "is brought onto the fixed grid through physical space. Writes warped.nii.gz, "
             "[warped_label.nii.gz], ddf_voxel.nii.gz (Learn2Reg: fixed grid, voxel units, vector last), "
-            "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz and "
-            "metrics.json into --out. An affine (or rigid) pre-alignment runs first unless --affine none; "
+            "ddf_itk.nii.gz (mm, LPS: SimpleITK DisplacementFieldTransform / 3D Slicer), jacobian.nii.gz, "
+            "transform.h5 (ITK composite transform, fixed -> moving points: sitk.ReadTransform + "
+            "sitk.Resample, antsApplyTransforms, Slicer) and metrics.json into --out; with --inverse also "
+            "inverse_transform.h5 and fixed_warped.nii.gz (the fixed image on the moving grid), with "
+            "--report report.png. An affine (or rigid) pre-alignment runs first unless --affine none; "
             "the fields hold the whole transform (affine then deformable) and the affine alone is written as "
             "affine.txt (4x4, physical RAS) and affine.tfm (ITK, LPS). Stages and times go to stderr."
         ),
@@ -91,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("lncc", "ncc", "mi", "mse"),
         help="similarity of the affine stage (default: the stage's own; mi across modalities)",
     )
+    reg.add_argument(
+        "--inverse",
+        action="store_true",
+        help="also the inverse transform, the fixed image warped onto the moving grid, and the "
+        "inverse-consistency error (mm) in metrics.json",
+    )
+    reg.add_argument("--report", action="store_true", help="also report.png: a picture of the registration")
+    reg.add_argument(
+        "--format",
+        default=".nii.gz",
+        choices=(".nii.gz", ".nii", ".mha", ".nrrd"),
+        help="file format of the image outputs (default: .nii.gz; ddf_voxel stays NIfTI)",
+    )
     reg.add_argument("--out", required=True, help="output folder")
     reg.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     reg.add_argument("--quiet", action="store_true", help="do not report the stages and times on stderr")
@@ -105,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     warp.add_argument("--moving", required=True, help="image (or label map, with --nearest) to warp")
-    warp.add_argument("--ddf", required=True, help=DDF_HELP)
+    warp.add_argument("--ddf", required=True, help=DDF_HELP + "; or an ITK transform (transform.h5, .tfm)")
     warp.add_argument("--fixed", required=True, help="the fixed image (its grid and affine)")
     interpolation = warp.add_mutually_exclusive_group()
     interpolation.add_argument(
@@ -115,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--linear", action="store_true", help="linear even for integer-valued images (e.g. CT or 8-bit MR)"
     )
     warp.add_argument("--ddf-type", choices=("auto", "voxel", "itk"), default="auto", help="DDF convention")
-    warp.add_argument("--out", required=True, help="output file (.nii.gz)")
+    warp.add_argument("--out", required=True, help="output image (.nii.gz, .nii, .mha, .nrrd)")
     warp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     ev = sub.add_parser(
@@ -140,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dataset", help="Learn2Reg dataset folder (with dataset.json) for a whole submission")
     ev.add_argument("--split", default="val", choices=("val", "test", "train"), help="pairs (default: val)")
     ev.add_argument("--output", help="also write the JSON to this file")
+
+    points = sub.add_parser(
+        "transform-points",
+        help="map a CSV of physical points through a saved transform",
+        description=(
+            "Map physical points (LPS mm, x,y[,z] per row) through a transform written by register "
+            "(transform.h5, an affine .tfm, or a displacement field such as ddf_itk.nii.gz): fixed -> "
+            "moving, or moving -> fixed with --inverse. Writes a CSV with an x,y[,z] header."
+        ),
+    )
+    points.add_argument("--transform", required=True, help="transform.h5, .tfm or a displacement-field image")
+    points.add_argument("--points", required=True, help="input CSV of physical points (LPS mm)")
+    points.add_argument("--out", required=True, help="output CSV")
+    points.add_argument("--inverse", action="store_true", help="map moving -> fixed (the inverse transform)")
+    points.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
     add_serve_parser(sub)
 
@@ -177,12 +208,13 @@ def _report(line: str) -> None:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from regnet_zoo.api import OUTPUT_FILES, metrics_to_json, register
+    from regnet_zoo.api import metrics_to_json, output_names, register
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise RegistrationInputError(f"{out}: --out must be a folder")
-    existing = [n for n in OUTPUT_FILES.values() if (out / n).exists()]
+    names = output_names(True, args.inverse, args.report, args.format)
+    existing = [n for n in names.values() if (out / n).exists()]
     if existing and not args.overwrite:  # refuse before the (slow) registration runs
         raise RegistrationInputError(
             f"{out}: output folder holds results ({', '.join(existing)}); pass --overwrite to replace them"
@@ -198,11 +230,12 @@ def _register(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         instance_opt=args.instance_opt,
+        inverse=args.inverse,
         affine=None if args.affine == "none" else args.affine,
         affine_options={"similarity": args.similarity} if args.similarity else None,
         progress=None if args.quiet else _report,
     )
-    paths = result.save(out, overwrite=args.overwrite)
+    paths = result.save(out, overwrite=args.overwrite, report=args.report, image_format=args.format)
     print(metrics_to_json(result.metrics))
     if not args.quiet:
         print(f"wrote {', '.join(p.name for p in paths.values())} to {out}", file=sys.stderr)
@@ -213,11 +246,11 @@ def _warp(args: argparse.Namespace) -> int:
     import torch
 
     from regnet_zoo.api import affine_of, as_image, load_ddf, warp_physical
-    from regnet_zoo.data.io import check_pair, file_suffix, save_image
+    from regnet_zoo.data.io import WRITE_SUFFIXES, check_pair, file_suffix, save_image
 
     out = Path(args.out)
-    if file_suffix(out) not in (".nii", ".nii.gz"):
-        raise RegistrationInputError(f"{out}: --out must be a NIfTI file (.nii.gz)")
+    if file_suffix(out) not in WRITE_SUFFIXES:
+        raise RegistrationInputError(f"{out}: --out must be an image file ({', '.join(WRITE_SUFFIXES)})")
     if out.exists() and not args.overwrite:
         raise RegistrationInputError(f"{out}: output file exists; pass --overwrite to replace it")
     fixed = as_image(args.fixed, "fixed image")
@@ -399,9 +432,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transform_points(args: argparse.Namespace) -> int:
+    from regnet_zoo.api import transform_points_file
+
+    if Path(args.out).suffix.lower() != ".csv":
+        raise RegistrationInputError(f"{args.out}: --out must be a .csv file")
+    mapped = transform_points_file(args.transform, args.points, args.out, args.inverse, args.overwrite)
+    print(f"wrote {len(mapped)} points to {args.out}", file=sys.stderr)
+    return 0
+
+
 _COMMANDS = {
     "register": _register,
     "warp": _warp,
+    "transform-points": _transform_points,
     "evaluate": _evaluate,
     "train": _train,
     "serve": serve_main,

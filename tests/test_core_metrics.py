@@ -120,6 +120,9 @@ def test_hd95_anisotropic_spacing_single_voxels_in_mm():
     assert metrics.hd95(fixed, warped)[1] == pytest.approx(math.hypot(3, 3), rel=1e-12)
     # absent label -> NaN, never 0
     assert math.isnan(metrics.hd95(fixed, warped, labels=[2])[2])
+    # a label the warp lost (present in fixed and moving, empty warped): the worst case, the image diagonal
+    lost = metrics.hd95(fixed, np.zeros_like(fixed), spacing=spacing, moving_label=warped)[1]
+    assert lost == pytest.approx(math.sqrt((8 * 2.5) ** 2 + 9**2 + (10 * 0.7) ** 2), rel=1e-12)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -137,13 +140,30 @@ def test_tre_with_known_affine_field(shape):
     moving_points = fixed_points + fixed_points @ matrix.T + offset + error
     spacing = np.array([1.5, 0.8, 2.0][:n])
     expected = np.linalg.norm(error * spacing, axis=1)
-    np.testing.assert_allclose(metrics.tre(fixed_points, moving_points, ddf, spacing), expected, rtol=1e-10)
+    # linear interpolation reproduces an affine field exactly
+    ours = metrics.tre(fixed_points, moving_points, ddf, spacing, interpolation="linear")
+    np.testing.assert_allclose(ours, expected, rtol=1e-10)
     # translation only, torch inputs with a batch dimension
     translation = _affine_field(shape, np.zeros((n, n)), offset)
     points = torch.as_tensor(fixed_points)[None]
     np.testing.assert_allclose(
         metrics.tre(points, points + torch.as_tensor(offset), translation), 0, atol=1e-12
     )
+    with pytest.raises(RegistrationInputError):
+        metrics.tre(points, points, translation, interpolation="nearest")
+
+
+def test_tre_samples_the_field_cubically_by_default():
+    """Cubic (Learn2Reg) and linear sampling differ on a curved field; cubic is nearer the analytic value."""
+    shape = (24, 26)
+    x0, x1 = _grid(shape)
+    ddf = torch.as_tensor(np.stack([0.02 * (x0 - 12) ** 2, np.sin(x1 / 3.0)]))[None]
+    points = np.array([[10.5, 11.25], [13.3, 9.7], [11.8, 14.4]])
+    exact = np.stack([0.02 * (points[:, 0] - 12) ** 2, np.sin(points[:, 1] / 3.0)], axis=1)
+    moving = points + exact  # the analytic mapping: TRE 0 for exact sampling
+    cubic = metrics.tre(points, moving, ddf)
+    linear = metrics.tre(points, moving, ddf, interpolation="linear")
+    assert cubic.max() < 2e-3 < linear.max()
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -196,28 +216,38 @@ def test_folding_fraction_of_a_known_folded_band(shape):
     np.testing.assert_allclose(
         jac[0].numpy(), np.broadcast_to(expected_rows.reshape(-1, *[1] * (n - 1)), shape)
     )
-    expected_percent = 100.0 * (last - first + 1) / shape[0]
-    assert metrics.folding_fraction(jac) == pytest.approx(expected_percent)
+    whole = 100.0 * (last - first + 1) / shape[0]
+    assert metrics.folding_fraction(jac, crop=False) == pytest.approx(whole)
+    # default: on the Learn2Reg interior (2 rows cropped at each end), the region SDlogJ uses
+    assert metrics.folding_fraction(jac) == pytest.approx(100.0 * (last - first + 1) / (shape[0] - 4))
     assert metrics.folding_fraction(np.ones((1, *shape))) == 0.0
+    # the corrected SDlogJ counts the folds as log(1e-9); the L2R form sees log(J + 3) = log 1 and log 2.5
+    rows = expected_rows[2:-2]
+    assert metrics.sdlogj(jac) == pytest.approx(np.log(np.clip(rows, 1e-9, None)).std(), rel=1e-10)
+    assert metrics.sdlogj(jac) > 5.0
+    assert metrics.sdlogj(jac, mode="l2r") == pytest.approx(np.log(rows + 3).std(), rel=1e-10)
 
 
 def test_sdlogj_identity_and_known_patterns():
     identity_jac = metrics.jacobian_determinant(torch.zeros(1, 3, 8, 9, 10))
-    assert metrics.sdlogj(identity_jac) == 0.0 and metrics.sdlogj(identity_jac, mode="log") == 0.0
+    assert metrics.sdlogj(identity_jac) == 0.0 and metrics.sdlogj(identity_jac, mode="l2r") == 0.0
 
     # a Jacobian with two equal halves (also in the 2-voxel-cropped interior): J = 2 and J = 0.5
     jac = np.full((1, 8, 12), 2.0)
     jac[:, :, 6:] = 0.5
-    assert metrics.sdlogj(jac, mode="log") == pytest.approx(math.log(2.0), rel=1e-12)
+    assert metrics.sdlogj(jac) == pytest.approx(math.log(2.0), rel=1e-12)
     assert metrics.sdlogj(jac, mode="l2r") == pytest.approx((math.log(5.0) - math.log(3.5)) / 2, rel=1e-12)
     # the L2R form crops 2 voxels: a disturbed border does not count
     jac_border = jac.copy()
     jac_border[:, :2] = 100.0
     assert metrics.sdlogj(jac_border, mode="l2r") == pytest.approx(metrics.sdlogj(jac, mode="l2r"))
-    # "log" ignores non-positive J
+    assert metrics.sdlogj(jac_border) == pytest.approx(metrics.sdlogj(jac))
+    # one folded interior voxel counts (as log 1e-9), it is not dropped
     jac_folded = jac.copy()
-    jac_folded[0, 0, 0] = -1.0
-    assert metrics.sdlogj(jac_folded, mode="log") > 0
+    jac_folded[0, 3, 3] = -1.0
+    assert metrics.sdlogj(jac_folded) > metrics.sdlogj(jac) + 0.5
+    with pytest.raises(RegistrationInputError):
+        metrics.sdlogj(np.ones((1, 4, 9)))  # nothing left after the 2-voxel crop
 
 
 @pytest.mark.parametrize("shape", [(16, 14), (9, 10, 11)])
@@ -234,8 +264,8 @@ def test_sdlogj_of_quadratic_field(shape):
     expected_jac = np.broadcast_to(jac_rows.reshape(-1, *[1] * (n - 1)), shape)
     jac = metrics.jacobian_determinant(ddf)
     np.testing.assert_allclose(jac[0].numpy(), expected_jac, rtol=1e-12)
-    assert metrics.sdlogj(jac, mode="log") == pytest.approx(np.log(expected_jac).std(), rel=1e-10)
     interior = expected_jac[tuple(slice(2, -2) for _ in range(n))]
+    assert metrics.sdlogj(jac) == pytest.approx(np.log(interior).std(), rel=1e-10)
     assert metrics.sdlogj(jac, mode="l2r") == pytest.approx(np.log(interior + 3).std(), rel=1e-10)
 
 
@@ -324,3 +354,87 @@ def test_bad_inputs_raise():
         metrics.sdlogj(np.ones((1, 8, 8)), mode="std")
     with pytest.raises(RegistrationInputError):
         metrics.tre(np.zeros((3, 2)), np.zeros((3, 3)), torch.zeros(1, 2, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------------
+# an independent implementation of the Learn2Reg evaluation's definitions (numpy / scipy only)
+# ------------------------------------------------------------------------------------------------------
+def _l2r_jacobian(disp: np.ndarray) -> np.ndarray:
+    """det grad(identity + disp) of ``(N, *S)`` by central differences, cropped [2:-2] on each axis."""
+    n = disp.shape[0]
+    phi = np.stack(_grid(disp.shape[1:])) + disp
+    rows = [np.gradient(phi[i]) for i in range(n)]  # rows[i][j] = d phi_i / d x_j
+    matrices = np.stack([np.stack(r, axis=-1) for r in rows], axis=-2)  # (*S, N, N)
+    return np.linalg.det(matrices)[tuple(slice(2, -2) for _ in range(n))]
+
+
+def _l2r_reference(disp, fixed, moving, fixed_points, moving_points, spacing):
+    from scipy import ndimage
+
+    n = disp.shape[0]
+    jac = _l2r_jacobian(disp)
+    out = {
+        "sdlogj_l2r": np.log(np.clip(jac + 3, 1e-9, 1e9)).std(),
+        "sdlogj": np.log(np.clip(jac, 1e-9, 1e9)).std(),
+        "folding_percent": 100.0 * (jac <= 0).mean(),
+    }
+    # nearest-neighbour warp of the moving labels: moving(x + disp(x))
+    coords = np.stack(_grid(fixed.shape)) + disp
+    warped = ndimage.map_coordinates(moving, coords, order=0, mode="nearest")
+    dice, hd = [], []
+    for label in np.unique(fixed[fixed > 0]):
+        f, w = fixed == label, warped == label
+        dice.append(2 * (f & w).sum() / (f.sum() + w.sum()))
+        if not w.any():
+            hd.append(np.linalg.norm(np.array(fixed.shape) * spacing))  # lost: the image diagonal
+            continue
+        surf_f, surf_w = f ^ ndimage.binary_erosion(f), w ^ ndimage.binary_erosion(w)
+        to_w = ndimage.distance_transform_edt(~surf_w, sampling=spacing)[surf_f]
+        to_f = ndimage.distance_transform_edt(~surf_f, sampling=spacing)[surf_w]
+        hd.append(max(np.percentile(to_w, 95), np.percentile(to_f, 95)))
+    out["dice_mean"], out["hd95_mm"] = np.mean(dice), np.mean(hd)
+    sampled = np.stack([ndimage.map_coordinates(disp[i], fixed_points.T, order=3) for i in range(n)], axis=1)
+    out["tre_mm"] = np.linalg.norm((fixed_points + sampled - moving_points) * spacing, axis=1).mean()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 44), (22, 24, 20)])
+@pytest.mark.parametrize("field", ["affine", "folded"])
+def test_registration_metrics_match_independent_learn2reg_definitions(shape, field):
+    n = len(shape)
+    rng = np.random.default_rng(7)
+    spacing = np.array([1.2, 0.9, 1.5][:n])
+    if field == "affine":  # known J = det(I + A) everywhere: both SDlogJ forms 0, no folding
+        matrix = rng.uniform(-0.15, 0.15, (n, n))
+        # offset >= 1.5: nothing maps onto the moving map's corner voxel, so label 3 is lost by the warp
+        disp = _affine_field(shape, matrix, rng.uniform(1.5, 2.0, n))[0].numpy()
+    else:  # a smooth random field large enough to fold in places
+        coarse = torch.as_tensor(rng.standard_normal((1, n, *[5] * n)))
+        mode = "bilinear" if n == 2 else "trilinear"
+        disp = 10.0 * torch.nn.functional.interpolate(coarse, size=shape, mode=mode, align_corners=True)
+        disp = disp[0].numpy()
+    fixed = np.zeros(shape, dtype=np.int64)
+    centre = [s // 2 for s in shape]
+    fixed[_ball(shape, centre, min(shape) / 4)] = 1
+    fixed[_ball(shape, [c + min(shape) // 4 for c in centre], min(shape) / 6)] = 2
+    moving = np.roll(fixed, 2, axis=0)
+    moving[(0,) * n] = 3  # label 3 in both maps, but the affine field loses it
+    fixed[_ball(shape, [s - 4 for s in shape], 1.5)] = 3
+    fixed_points = rng.uniform(4, np.array(shape) - 5, size=(9, n))
+    moving_points = fixed_points + rng.normal(0, 2, size=(9, n))
+    ours = metrics.registration_metrics(
+        torch.as_tensor(disp), fixed, moving, fixed_points, moving_points, spacing=spacing
+    )
+    reference = _l2r_reference(disp, fixed, moving, fixed_points, moving_points, spacing)
+    for key, value in reference.items():
+        assert ours[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert all(math.isfinite(ours[key]) for key in reference)
+    if field == "affine":
+        jac_value = np.linalg.det(np.eye(n) + matrix)
+        np.testing.assert_allclose(_l2r_jacobian(disp), jac_value, rtol=1e-10)
+        assert ours["sdlogj"] == pytest.approx(0.0, abs=1e-9) and ours["folding_percent"] == 0.0
+        assert ours["dice"][3] == 0.0  # lost: worst Dice, and HD95 the diagonal (in the reference too)
+    else:
+        assert 0.0 < ours["folding_percent"] < 50.0
+        # folds count: the corrected SDlogJ exceeds the challenge form's
+        assert ours["sdlogj"] > ours["sdlogj_l2r"] > 0.0

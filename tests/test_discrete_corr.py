@@ -179,6 +179,45 @@ def test_loss_terms_and_fallbacks():
     assert 0 < float(fallback["label"]) < 1
 
 
+def _box_pool_rows(onehot: np.ndarray, stride: int) -> np.ndarray:
+    """Independent reference: mean over image rows [stride j - stride/2, stride j + stride/2] (voxels as unit
+    boxes, the two end voxels half inside), border rows repeated; ``onehot`` ``(K, H, W)``, W pooled alike."""
+    weights = np.r_[0.5, np.ones(stride - 1), 0.5] / stride
+    out = onehot
+    for axis in (1, 2):
+        padded = np.pad(out, [(0, 0)] * axis + [(stride // 2, stride)] + [(0, 0)] * (2 - axis), mode="edge")
+        count = -(-onehot.shape[axis] // stride)
+        rows = [np.tensordot(np.take(padded, range(stride * j, stride * j + stride + 1), axis=axis), weights,
+                             axes=([axis], [0])) for j in range(count)]
+        out = np.stack(rows, axis=axis)
+    return out
+
+
+@pytest.mark.parametrize("size", [(32, 28), (30, 25)])
+def test_nonlocal_label_term_pools_labels_onto_the_feature_grid(size):
+    """Learned feature j is centred on image voxel 4 j: with certain zero displacements the non-local term is
+    the weighted squared error of the labels pooled on those centres (independent numpy reference)."""
+    rng = np.random.default_rng(3)
+    fixed_label = torch.from_numpy(rng.integers(0, 3, size))[None, None]
+    moving_label = torch.from_numpy(rng.integers(0, 3, size))[None, None]
+    grid = tuple(-(-s // 4) for s in size)
+    probabilities = torch.zeros(1, 9, *grid, dtype=torch.float64)
+    probabilities[:, 4] = 1.0  # displacement (0, 0) of displacement_set(1, 2)
+    outputs = {"probabilities": probabilities, "ddf": torch.zeros(1, 2, *size, dtype=torch.float64)}
+    batch = {"fixed": torch.zeros(1, 1, *size), "fixed_label": fixed_label, "moving_label": moving_label}
+    loss = DiscreteCorrLoss(label_loss="nonlocal", smooth_weight=0.0)(outputs, batch)["label"]
+
+    fixed_ref = _box_pool_rows(one_hot_labels(fixed_label, [0, 1, 2])[0].double().numpy(), 4)
+    moving_ref = _box_pool_rows(one_hot_labels(moving_label, [0, 1, 2])[0].double().numpy(), 4)
+    weight = 1 / np.sqrt(fixed_ref.mean(axis=(1, 2)) + 1e-4)
+    weight = weight / weight.mean()
+    expected = (weight[:, None, None] * (moving_ref - fixed_ref) ** 2).mean()
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    # block-mean features (identity features, origin (stride - 1) / 2) pool on plain 4x4 blocks instead
+    block = DiscreteCorrLoss(label_loss="nonlocal", smooth_weight=0.0, feature_origin="block")(outputs, batch)
+    assert float(block["label"]) != pytest.approx(expected, rel=1e-3)
+
+
 def test_parameters_round_trip_and_bad_input():
     net = DiscreteCorrNet(3, radius=1, stride=2, hidden_channels=(4,), feature_channels=4).eval()
     fixed, moving = torch.rand(1, 1, 10, 12, 8), torch.rand(1, 1, 10, 12, 8)
@@ -229,12 +268,15 @@ def _mean_dice(net, images, labels, evaluation_labels) -> float:
 
 @pytest.mark.slow
 def test_short_training_on_labelled_brain_slices_beats_identity(shared_data):
-    """Weakly supervised (labels only) training of the feature extractor raises Dice on held-back slices."""
+    """Weakly supervised (labels only) training of the feature extractor raises Dice on held-out slices.
+
+    Only two labelled subjects exist: the held-out slices lie outside the training range, at least 12 slices
+    (12 mm) from every training slice."""
     evaluation_labels = json.loads((shared_data / "oasis3d_pair" / "dataset.json").read_text())[
         "evaluation_labels"
     ]
     train_images, train_labels = _oasis_slices(shared_data, range(60, 100, 3))
-    held_images, held_labels = _oasis_slices(shared_data, [64, 74, 84, 94])
+    held_images, held_labels = _oasis_slices(shared_data, [111, 118, 125, 132])
     identity = float(
         np.mean(
             [

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from regnet_zoo.core.losses import diffusion_loss
+from regnet_zoo.core.pyramid import downsample_ddf_to_level, pool_to_grid, upsample_ddf_from_level
 from regnet_zoo.core.spatial import identity_grid, warp_image, warp_labels
 from regnet_zoo.errors import RegistrationInputError
 from regnet_zoo.networks.pwc import (
@@ -198,7 +199,7 @@ def test_parameters_round_trip_and_level_views():
     torch.testing.assert_close(rebuilt["warped"], warp_image(moving, params))
     assert torch.isfinite(PWCLoss()(rebuilt, {"fixed": fixed, "moving": moving})["loss"])
 
-    # a 1-voxel shift at level 1 (16x16 grid) is a ~2-voxel shift at full resolution (31 / 15 exactly)
+    # a 1-voxel shift at level 1 (16x16 grid) is a 2-voxel shift at full resolution (block-centre grids)
     level1 = torch.zeros(1, 2, 16, 16)
     level1[:, 1] = 1.0
     views = level_warped_images({"ddf_level1": level1, "ddf_level0": torch.zeros(1, 2, 32, 32)}, moving)
@@ -207,12 +208,79 @@ def test_parameters_round_trip_and_level_views():
     shifted = sitk.GetArrayFromImage(
         sitk.Resample(
             sitk.GetImageFromArray(moving[0, 0].numpy()),
-            sitk.TranslationTransform(2, (31 / 15, 0.0)),
+            sitk.TranslationTransform(2, (2.0, 0.0)),
             sitk.sitkLinear,
             0.0,
         )
     )
     np.testing.assert_allclose(views["warped_level1"][0, 0, :, :28].numpy(), shifted[:, :28], atol=1e-5)
+
+
+def test_constant_shift_at_a_coarse_level_is_the_same_shift_at_level_0():
+    """Moving = fixed shifted by 4 voxels: level 2 (block means of 4) sees exactly a 1-voxel shift, and the
+    level-2 field of 1 voxel, carried down by the network's upsampling, is exactly 4 voxels at level 0."""
+    generator = torch.Generator().manual_seed(5)
+    base = torch.rand(1, 1, 40, 48, generator=generator, dtype=torch.float64)
+    fixed, moving = base[:, :, 4:36], base[:, :, 0:32]  # moving(x + 4) = fixed(x) along axis 0
+    inner = (slice(None), slice(None), slice(0, -1))
+    # the level images (the loss's I^(l)) of the pair: shifted by exactly one level-2 voxel
+    fixed_l2, moving_l2 = pool_to_grid(fixed, 4), pool_to_grid(moving, 4)
+    torch.testing.assert_close(fixed_l2[:, :, :-1], moving_l2[:, :, 1:])
+    shift_l2 = torch.zeros(1, 2, *fixed_l2.shape[2:], dtype=torch.float64)
+    shift_l2[:, 0] = 1.0  # warped(x) = moving(x + 1) = fixed(x) on the level-2 grid
+    torch.testing.assert_close(warp_image(moving_l2, shift_l2)[inner], fixed_l2[inner])
+
+    net = PWCRegistrationPyramid(spatial_dims=2).double()  # upsample convs start at the identity
+    ddf = shift_l2
+    for level, shape in ((1, (16, 24)), (0, (32, 48))):
+        ddf = net.upsample[level](ddf, shape)
+    expected = torch.zeros_like(ddf)
+    expected[:, 0] = 4.0
+    torch.testing.assert_close(ddf, expected)
+    torch.testing.assert_close(warp_image(moving, ddf)[:, :, 4:-4], fixed[:, :, 4:-4])
+    torch.testing.assert_close(upsample_ddf_from_level(shift_l2, (32, 48), 4), expected)
+    # and the per-level views use the same convention
+    view = level_warped_images({"ddf_level2": shift_l2}, moving)["warped_level2"]
+    torch.testing.assert_close(view[:, :, 4:-4], fixed[:, :, 4:-4])
+
+
+@pytest.mark.parametrize("shape", [(32, 40), (29, 35), (16, 20, 12)])
+def test_linear_field_round_trip_between_levels(shape):
+    """u(x) = A x + b (fine voxels) -> level 2: its values at the block centres 4 j + 3/2, divided by 4;
+    back to level 0: u again wherever linear interpolation does not clamp at the border."""
+    n = len(shape)
+    rng = np.random.default_rng(4)
+    matrix, offset = rng.uniform(-0.2, 0.2, (n, n)), rng.uniform(-2, 2, n)
+    grid = identity_grid(shape, dtype=torch.float64)
+    u = torch.einsum("ij,bj...->bi...", torch.as_tensor(matrix), grid) + torch.as_tensor(offset).view(
+        1, n, *[1] * n
+    )
+    coarse = downsample_ddf_to_level(u, 4)
+    assert coarse.shape[2:] == tuple(math.ceil(s / 4) for s in shape)
+    centres = 4 * identity_grid(coarse.shape[2:], dtype=torch.float64) + 1.5
+    at_centres = torch.einsum("ij,bj...->bi...", torch.as_tensor(matrix), centres) + torch.as_tensor(
+        offset
+    ).view(1, n, *[1] * n)
+    full_blocks = tuple(slice(0, s // 4) for s in shape)  # blocks without replicated border voxels
+    torch.testing.assert_close(coarse[(..., *full_blocks)], at_centres[(..., *full_blocks)] / 4)
+    back = upsample_ddf_from_level(coarse, shape, 4)
+    interior = tuple(slice(2, 4 * (s // 4 - 1) + 2) for s in shape)
+    torch.testing.assert_close(back[(..., *interior)], u[(..., *interior)])
+
+
+def test_pool_to_grid_matches_block_means_and_box_weights():
+    """Default origin: plain block means (torch ``avg_pool``); origin 0: a width-4 box centred on voxel 4 j,
+    i.e. weights 1/8, 1/4, 1/4, 1/4, 1/8 (written out here), the border voxel repeated."""
+    generator = torch.Generator().manual_seed(6)
+    x = torch.rand(2, 3, 16, 12, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(pool_to_grid(x, 4), F.avg_pool2d(x, 4))
+    x3 = torch.rand(1, 2, 8, 6, 4, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(pool_to_grid(x3, 2), F.avg_pool3d(x3, 2))
+    line = torch.rand(1, 1, 13, 1, generator=generator, dtype=torch.float64)
+    padded = np.pad(line[0, 0, :, 0].numpy(), 2, mode="edge")
+    weights = np.array([1, 2, 2, 2, 1]) / 8
+    expected = [float(weights @ padded[4 * j : 4 * j + 5]) for j in range(4)]
+    np.testing.assert_allclose(pool_to_grid(line, 4, origin=0.0)[0, 0, :, 0].numpy(), expected, rtol=1e-12)
 
 
 # ---- real data ------------------------------------------------------------------------------------------
@@ -296,13 +364,16 @@ def _mean_dice(fixed_label: torch.Tensor, warped_label: torch.Tensor) -> float:
 
 
 def test_short_training_improves_dice_on_held_out_slices(shared_data):
-    """40 Adam steps on axial slice pairs of the OASIS pair (labels + NCC) raise Dice on held-back pairs.
+    """60 Adam steps on axial slice pairs of the OASIS pair (labels + NCC) raise Dice on held-out pairs.
 
-    The DenseNet is narrowed (16, 16, 8, 8, 4 filters) to fit the test budget; the architecture is otherwise
+    Only two labelled subjects exist, so the held-out pairs are slice-disjoint: positions outside the training
+    range, at least 12 slices (12 mm) from any training slice. The DenseNet is narrowed (16, 16, 8, 8, 4
+    filters) to fit the test budget; the architecture is otherwise
     the paper's (the full width is exercised by the benchmark and the bundle).
     """
     root = shared_data / "oasis3d_pair"
-    train, held_out = list(range(70, 131, 4)), [86, 102, 118]
+    train, held_out = list(range(62, 115, 4)), [126, 134, 142]
+    assert min(abs(h - t) for h in held_out for t in train) >= 12
     fa, la = _oasis_axial_slices(root, "0001", train)
     fb, lb = _oasis_axial_slices(root, "0002", train)
     fixed, moving = torch.cat([fa, fb]), torch.cat([fb, fa])
@@ -316,7 +387,7 @@ def test_short_training_improves_dice_on_held_out_slices(shared_data):
     loss_fn = PWCLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
+    for _ in range(60):
         index = torch.randperm(len(fixed), generator=generator)[:2]
         batch = {"fixed": fixed[index], "moving": moving[index]}
         batch |= {"fixed_label": fixed_label[index], "moving_label": moving_label[index]}

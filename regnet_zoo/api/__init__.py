@@ -26,12 +26,25 @@ from regnet_zoo.api.methods import (
     resolve_device,
     weights_path,
 )
-from regnet_zoo.api.pipeline import OUTPUT_FILES, PairInputs, RegistrationResult, register
+from regnet_zoo.api.pipeline import (
+    IMAGE_FORMATS,
+    OUTPUT_FILES,
+    PairInputs,
+    RegistrationResult,
+    output_names,
+    register,
+)
 from regnet_zoo.core.geometry import affine_of
 from regnet_zoo.data.preprocess import DEFAULT_PAD_MULTIPLE
+from regnet_zoo.data.transform_io import read_transform, transform_points, transform_points_file
 
 __all__ = [
     "OUTPUT_FILES",
+    "IMAGE_FORMATS",
+    "output_names",
+    "read_transform",
+    "transform_points",
+    "transform_points_file",
     "DEFAULT_PAD_MULTIPLE",
     "DEFAULT_INSTANCE_OPT_LR",
     "ImageLike",

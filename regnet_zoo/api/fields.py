@@ -87,10 +87,25 @@ def load_ddf(path: str | os.PathLike, fixed: Tensor, kind: str = "auto") -> Tens
 
     ``kind``: ``"voxel"`` (Learn2Reg: fixed grid, voxel units, vector last on disk), ``"itk"`` (a displacement
     field in mm, LPS, e.g. ``ddf_itk.nii.gz``) or ``"auto"`` (ITK when the file has ITK's vector layout).
+    An ITK transform file (``transform.h5``, ``affine.tfm``; any ``kind``) is sampled at the fixed voxels.
     """
+    from regnet_zoo.data.transform_io import (
+        is_transform_file,
+        read_transform,
+        reference_image,
+        transform_to_displacement,
+    )
+
     path = Path(path)
     if not path.is_file():
         raise RegistrationInputError(f"{path}: displacement field file not found")
+    if is_transform_file(path):
+        grid = reference_image(affine_of(fixed), fixed.shape[1:])
+        transform = read_transform(path)  # its errors name the file
+        try:
+            return ddf_from_itk(transform_to_displacement(transform, grid)).float()
+        except RegistrationInputError as err:
+            raise RegistrationInputError(f"{path}: {err}") from None
     if kind not in ("auto", "voxel", "itk"):
         raise RegistrationInputError(f"ddf kind must be 'auto', 'voxel' or 'itk', got {kind!r}")
     spatial_dims = fixed.ndim - 1

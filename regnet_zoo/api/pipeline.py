@@ -60,6 +60,8 @@ from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "OUTPUT_FILES",
+    "IMAGE_FORMATS",
+    "output_names",
     "RegistrationResult",
     "PairInputs",
     "register",
@@ -75,22 +77,57 @@ __all__ = [
     "AFFINE_TXT_HEADER",
 ]
 
-#: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label)
+#: files written by :meth:`RegistrationResult.save` (``warped_label`` only when there is a label;
+#: ``inverse_transform`` and ``fixed_warped`` only with an inverse, ``report`` only when asked for)
 OUTPUT_FILES = {
     "warped": "warped.nii.gz",
     "warped_label": "warped_label.nii.gz",
     "ddf_voxel": "ddf_voxel.nii.gz",
     "ddf_itk": "ddf_itk.nii.gz",
     "jacobian": "jacobian.nii.gz",
+    "transform": "transform.h5",
+    "inverse_transform": "inverse_transform.h5",
+    "fixed_warped": "fixed_warped.nii.gz",
     "metrics": "metrics.json",
     "affine_txt": "affine.txt",
     "affine_tfm": "affine.tfm",
+    "report": "report.png",
 }
 #: header of ``affine.txt``
 AFFINE_TXT_HEADER = (
     "regnet_zoo affine pre-alignment T: 4x4 homogeneous, physical RAS mm (NIfTI world), maps a fixed point "
     "p to its moving point T @ p (moving(T p) ~ fixed(p)); 2D: the third axis is a unit placeholder"
 )
+#: image formats :meth:`RegistrationResult.save` writes (``image_format``); ``ddf_voxel`` stays NIfTI
+#: (Learn2Reg's layout)
+IMAGE_FORMATS = (".nii.gz", ".nii", ".mha", ".nrrd")
+
+
+def output_names(
+    label: bool = True,
+    inverse: bool = False,
+    report: bool = False,
+    image_format: str = ".nii.gz",
+    affine: bool = False,
+) -> dict[str, str]:
+    """``{output: file name}`` that :meth:`RegistrationResult.save` writes with these options."""
+    if image_format not in IMAGE_FORMATS:
+        raise RegistrationInputError(
+            f"image format must be one of {', '.join(IMAGE_FORMATS)}, got {image_format!r}"
+        )
+    skip = set()
+    skip |= set() if label else {"warped_label"}
+    skip |= set() if inverse else {"inverse_transform", "fixed_warped"}
+    skip |= set() if report else {"report"}
+    skip |= set() if affine else {"affine_txt", "affine_tfm"}
+    names = {}
+    for key, name in OUTPUT_FILES.items():
+        if key in skip:
+            continue
+        if name.endswith(".nii.gz") and key != "ddf_voxel":
+            name = name[: -len(".nii.gz")] + image_format
+        names[key] = name
+    return names
 
 
 @dataclass
@@ -103,7 +140,12 @@ class RegistrationResult:
     (determinant of ``x -> x + ddf(x)``), ``metrics`` (see :func:`evaluate_ddf`, plus ``runtime_s``,
     ``peak_memory_mb``, ``stage_s``, ``*_initial`` and ``*_affine``), ``affine`` the pre-alignment ``T``
     (4x4 physical RAS, ``moving(T p) ~ fixed(p)``; None without the affine stage). The fields hold the whole
-    transform, affine then deformable.
+    transform, affine then deformable; ``ddf_deformable`` the deformable part alone (relative to
+    the pre-aligned moving image; the same as ``ddf_voxel`` without the affine stage).
+    ``peak_memory_mb``, and with an inverse ``inverse_consistency_mean_mm`` / ``_p95_mm``).
+    With ``register(..., inverse=True)``: ``inverse_ddf`` ``(N, *S)`` (voxel DDF on the fixed grid of the
+    inverse map, moving -> fixed points) and ``fixed_warped`` (the fixed image on the moving grid).
+    ``inputs``: the checked inputs (for the report picture).
     """
 
     warped: MetaTensor
@@ -114,22 +156,39 @@ class RegistrationResult:
     metrics: dict
     affine: np.ndarray | None = None
     source_files: tuple[str, ...] = field(default=(), repr=False)
+    ddf_deformable: Tensor | None = field(default=None, repr=False)
+    inverse_ddf: Tensor | None = field(default=None, repr=False)
+    fixed_warped: MetaTensor | None = field(default=None, repr=False)
+    inputs: PairInputs | None = field(default=None, repr=False)
 
-    def save(self, out_dir: str | os.PathLike, overwrite: bool = False) -> dict[str, Path]:
-        """Write :data:`OUTPUT_FILES` into ``out_dir``; return ``{name: path}``.
+    def save(
+        self,
+        out_dir: str | os.PathLike,
+        overwrite: bool = False,
+        *,
+        report: bool = False,
+        image_format: str = ".nii.gz",
+    ) -> dict[str, Path]:
+        """Write :func:`output_names` into ``out_dir``; return ``{name: path}``.
 
         Refuses (``RegistrationInputError``) a folder that already holds any of them unless ``overwrite``;
         each file is written to a temporary name and renamed, and input files are never replaced.
-        ``ddf_itk.nii.gz`` is rebuilt from ``ddf_voxel`` (``ddf_itk`` may have been consumed by a transform).
+        ``ddf_itk`` is rebuilt from ``ddf_voxel`` (``ddf_itk`` may have been consumed by a transform).
+        ``transform.h5`` (and ``inverse_transform.h5``) are ITK composite transforms (fixed -> moving
+        points; the inverse moving -> fixed); ``report``: also ``report.png``; ``image_format``: the
+        extension of the image outputs (:data:`IMAGE_FORMATS`).
         """
+        from regnet_zoo.api.outputs import transforms
+        from regnet_zoo.data.transform_io import write_transform
+
         out_dir = Path(out_dir)
         if out_dir.exists() and not out_dir.is_dir():
             raise RegistrationInputError(f"{out_dir}: output path exists and is not a folder")
-        skip = ({"warped_label"} if self.warped_label is None else set()) | (
-            {"affine_txt", "affine_tfm"} if self.affine is None else set()
-        )
-        names = [k for k in OUTPUT_FILES if k not in skip]
-        paths = {k: out_dir / OUTPUT_FILES[k] for k in names}
+        if report and self.inputs is None:
+            raise RegistrationInputError("a report needs the result's inputs (RegistrationResult.inputs)")
+        has_label, has_inverse = self.warped_label is not None, self.inverse_ddf is not None
+        files = output_names(has_label, has_inverse, report, image_format, self.affine is not None)
+        paths = {k: out_dir / name for k, name in files.items()}
         existing = [p.name for p in paths.values() if p.exists()]
         if existing and not overwrite:
             raise RegistrationInputError(
@@ -154,6 +213,13 @@ class RegistrationResult:
         atomic_write(paths["ddf_itk"], lambda tmp: sitk.WriteImage(itk_field, str(tmp)), overwrite)
         jac = self.jacobian.as_tensor().float().reshape(1, *self.ddf_voxel.shape[1 : spatial_dims + 1])
         save_image(jac, paths["jacobian"], affine=affine, overwrite=overwrite)
+        deformable = self.ddf_voxel if self.ddf_deformable is None else self.ddf_deformable
+        forward, backward = transforms(deformable, self.inverse_ddf, affine, self.affine)
+        write_transform(forward, paths["transform"], overwrite)
+        if backward is not None:
+            write_transform(backward, paths["inverse_transform"], overwrite)
+        if self.fixed_warped is not None:
+            save_image(self.fixed_warped, paths["fixed_warped"], overwrite=overwrite)
         text = metrics_to_json(self.metrics) + "\n"
         atomic_write(paths["metrics"], lambda tmp: tmp.write_text(text), overwrite)
         if self.affine is not None:
@@ -165,17 +231,35 @@ class RegistrationResult:
             )
             transform = itk_affine_transform(matrix, spatial_dims)
             atomic_write(paths["affine_tfm"], lambda tmp: sitk.WriteTransform(transform, str(tmp)), overwrite)
+        if report:
+            self.write_report(paths["report"], overwrite)
         return paths
+
+    def write_report(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """The registration picture (:func:`regnet_zoo.report.write_report`) as a PNG at ``path``."""
+        from regnet_zoo.report import write_report
+
+        pair = self.inputs
+        fixed_affine = affine_of(pair.fixed)
+        shape = tuple(pair.fixed.shape[1:])
+        moving_label = None
+        if pair.moving_label is not None:
+            moving_label = warp_physical(pair.moving_label, fixed_affine, shape, nearest=True)
+        names = [Path(s).name for s in self.source_files[:2]]
+        return write_report(
+            path, pair.fixed, moving_on_fixed_grid(pair.fixed, pair.moving), self.warped, self.ddf_voxel,
+            fixed_affine, fixed_label=pair.fixed_label, moving_label=moving_label,
+            warped_label=self.warped_label, jacobian=self.jacobian,
+            title=" <- ".join(names) if len(names) == 2 else "registration", overwrite=overwrite,
+        )  # fmt: skip
 
 
 def itk_affine_transform(matrix: np.ndarray, spatial_dims: int) -> sitk.AffineTransform:
     """A 4x4 physical RAS map ``T`` (fixed point -> moving point) as an ITK ``AffineTransform`` in LPS: what
     ``sitk.Resample(moving, fixed, transform)`` uses to resample the moving image onto the fixed grid."""
-    lps = LPS_RAS @ as_4x4(matrix) @ LPS_RAS
-    transform = sitk.AffineTransform(spatial_dims)
-    transform.SetMatrix(lps[:spatial_dims, :spatial_dims].ravel().tolist())
-    transform.SetTranslation(lps[:spatial_dims, 3].tolist())
-    return transform
+    from regnet_zoo.data.transform_io import affine_transform
+
+    return affine_transform(from_4x4(LPS_RAS @ as_4x4(matrix) @ LPS_RAS, spatial_dims))
 
 
 
@@ -262,9 +346,11 @@ def predict_ddf(
     device: torch.device,
     instance_opt: int = 0,
     instance_loss=None,
-) -> Tensor:
+    inverse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor, str]:
     """The network's voxel DDF ``(N, *S)`` on the fixed grid for a (pre-aligned) pair; ``instance_loss``:
-    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps."""
+    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps. With ``inverse``: ``(ddf, inverse ddf, how)``
+    (:func:`regnet_zoo.api.outputs.inverse_from_outputs`)."""
     fixed_shape = tuple(fixed.shape[1:])
     fixed_n = normalise_intensity(fixed, prep.normalize, prep.percentiles, prep.ct_window).to(device)
     moving_n = MetaTensor(
@@ -281,6 +367,10 @@ def predict_ddf(
     ddf = outputs["ddf"][crop].detach().float()
     if tuple(ddf.shape[2:]) != fixed_shape:  # from the working grid (corner-aligned) to the fixed grid
         ddf = resize_ddf(ddf, fixed_shape)
+    if inverse:
+        from regnet_zoo.api.outputs import inverse_from_outputs
+
+        return ddf[0], *inverse_from_outputs(network, outputs, crop, fixed_shape, ddf[0])
     return ddf[0]
 
 
@@ -407,6 +497,7 @@ def register(
     affine: str | None = "affine",
     affine_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
+    inverse: bool = False,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
 
@@ -418,6 +509,8 @@ def register(
     ``affine_options`` go to :func:`regnet_zoo.core.affine.affine_register` (e.g. ``{"similarity": "mi"}``).
     The result's fields hold the whole transform (affine then deformable). ``progress``: called with one
     line per finished step (name and seconds), e.g. ``print`` to stderr.
+    ``inverse``: also the inverse field, its inverse-consistency error in ``metrics`` and the fixed image
+    warped onto the moving grid.
     """
     check_method(method)
     if int(instance_opt) < 0:
@@ -441,10 +534,13 @@ def register(
         matrix = affine_stage(pair, prep, affine, device, **dict(affine_options or {}))
         stages.done(f"{affine} pre-alignment")
     moving = pre_aligned(pair.moving, matrix)
-    ddf = predict_ddf(network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss)
+    predicted = predict_ddf(
+        network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss, inverse
+    )
+    deformable, inverse_ddf, inverse_method = predicted if inverse else (predicted, None, None)
     extra = f" + {instance_opt} instance-optimisation steps" if instance_opt else ""
     stages.done(f"{method} network{extra}")
-    ddf = total_ddf(ddf, matrix, affine_of(pair.fixed))
+    ddf = total_ddf(deformable, matrix, affine_of(pair.fixed))
     warped, warped_label, metrics = warp_and_evaluate(pair, ddf)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -455,8 +551,36 @@ def register(
     metrics["peak_memory_mb"] = peak_mb
     stages.done("warp and metrics")
     metrics.update(initial_metrics(pair, matrix))
+    result = _result(pair, ddf.cpu(), warped, warped_label, metrics, matrix)
+    result.ddf_deformable = deformable.cpu()
+    if inverse_ddf is not None:
+        _add_inverse(result, pair, inverse_ddf.cpu(), inverse_method)
+        stages.done("inverse")
     metrics["stage_s"] = dict(stages.times)
-    return _result(pair, ddf.cpu(), warped, warped_label, metrics, matrix)
+    return result
+
+
+def _add_inverse(result: RegistrationResult, pair: PairInputs, inverse_ddf: Tensor, how: str) -> None:
+    """Inverse outputs: the consistency error in ``metrics``; the fixed image on the moving grid.
+
+    ``inverse_ddf`` inverts the deformable part; the affine stage is inverted exactly. The error
+    ``|phi(phi^-1(y)) - y|`` of the whole transform is the deformable residual mapped by the affine's
+    linear part (mm, on the fixed grid's points moved by the affine stage).
+    """
+    from regnet_zoo.api.outputs import fixed_on_moving_grid, transforms
+    from regnet_zoo.core.inverse import inverse_residual
+
+    fixed_affine = affine_of(pair.fixed)
+    n = pair.spatial_dims
+    residual = inverse_residual(result.ddf_deformable[None].double(), inverse_ddf[None].double())[0]
+    linear = as_4x4(result.affine if result.affine is not None else np.eye(4))[:3, :3] @ fixed_affine[:3, :n]
+    mm = np.linalg.norm(np.einsum("ij,j...->i...", linear, residual.numpy()), axis=0)
+    result.metrics["inverse_consistency_mean_mm"] = float(mm.mean())
+    result.metrics["inverse_consistency_p95_mm"] = float(np.percentile(mm, 95))
+    result.metrics["inverse_method"] = how
+    result.inverse_ddf = inverse_ddf
+    _, backward = transforms(result.ddf_deformable, inverse_ddf, fixed_affine, result.affine)
+    result.fixed_warped = fixed_on_moving_grid(pair.fixed, pair.moving, backward)
 
 
 def _result(
@@ -479,4 +603,5 @@ def _result(
         metrics=metrics,
         affine=matrix,
         source_files=pair.source_files,
+        inputs=pair,
     )

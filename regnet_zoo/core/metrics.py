@@ -4,7 +4,8 @@ Inputs may be numpy arrays or tensors; results are python floats, dicts of float
 (per-point TRE). Label maps are ``S`` or ``(1, 1, *S)`` (a 4-D ``(1, D, H, W)`` array is read as a 3-D
 volume); fields follow README "Conventions": ``(B, N, *S)`` in voxel units of the fixed grid,
 ``warped(x) = moving(x + ddf(x))``.
-Labels absent from the fixed or the moving/warped map give NaN (as in the Learn2Reg evaluation), never 0.
+Labels absent from the fixed or the moving map give NaN (as in the Learn2Reg evaluation), never 0; a label
+present in both but lost by the warp counts as the worst case (Dice 0, HD95 = the image diagonal).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ __all__ = [
     "jacobian_determinant",
     "sdlogj",
     "folding_fraction",
+    "L2R_CROP",
+    "L2R_CLIP",
     "robustness_quantile",
     "dsc30",
     "tre30",
@@ -156,18 +159,23 @@ def hd95(
     Surface = label voxels with a face-neighbour outside the label; for each direction the 95th percentile
     (linear interpolation) of distances from one surface's voxels to the nearest voxel of the other surface;
     the larger of the two is returned (as MONAI ``compute_hausdorff_distance(percentile=95)``).
-    ``spacing`` is per array axis. Absent labels (see :func:`dice_per_label`) or an empty warped label
-    give NaN.
+    ``spacing`` is per array axis. Absent labels (see :func:`dice_per_label`) give NaN. A label present in
+    the fixed and moving maps but empty after the warp gets the worst case, the image diagonal
+    ``|shape * spacing|`` (larger than any distance inside the image), so it raises the mean instead of
+    leaving it (the official script's ``inf`` would make every mean infinite).
     """
     fixed, warped, moving = _label_pair(fixed_label, warped_label, moving_label)
     spacing_arr = _spacing_array(spacing, fixed.ndim)
+    worst = float(np.linalg.norm(np.asarray(fixed.shape) * spacing_arr))
     result: dict[int, float] = {}
     for label in _labels_to_evaluate(fixed, moving, labels):
         fixed_mask, warped_mask = fixed == label, warped == label
-        if not fixed_mask.any() or not warped_mask.any() or not (moving == label).any():
+        if not fixed_mask.any() or not (moving == label).any():
             result[label] = float("nan")
-            continue
-        result[label] = _hd95_binary(fixed_mask, warped_mask, spacing_arr)
+        elif not warped_mask.any():
+            result[label] = worst
+        else:
+            result[label] = _hd95_binary(fixed_mask, warped_mask, spacing_arr)
     return result
 
 
@@ -204,21 +212,31 @@ def tre(
     moving_points: ArrayLike,
     ddf: ArrayLike,
     spacing: float | Sequence[float] | None = None,
+    interpolation: str = "cubic",
 ) -> np.ndarray:
     """Target registration error per landmark, mm: ``|(p_f + ddf(p_f) - p_m) * spacing|`` -> ``(K,)``.
 
     Points ``(K, N)`` (or ``(1, K, N)``) in voxel coordinates (array-axis order) of the fixed / moving grid;
-    the field ``(1, N, *S)`` or ``(N, *S)`` is sampled at the fixed points by linear interpolation (nearest
-    border value outside). ``spacing`` (per axis, mm; None = 1) of the moving grid, as in Learn2Reg.
+    the field ``(1, N, *S)`` or ``(N, *S)`` is sampled at the fixed points. ``interpolation="cubic"``
+    (default) samples it as the Learn2Reg evaluation does: ``scipy.ndimage.map_coordinates`` with its
+    defaults (cubic B-spline with prefilter, displacement 0 outside the grid); ``"linear"``: linear, nearest
+    border value outside. ``spacing`` (per axis, mm; None = 1) of the moving grid, as in Learn2Reg.
     """
+    if interpolation not in ("cubic", "linear"):
+        raise RegistrationInputError(f'tre: interpolation must be "cubic" or "linear", got "{interpolation}"')
     field = _single_ddf(ddf)
     ndim = field.shape[0]
     fixed_pts = _points_array(fixed_points, ndim, "fixed_points")
     moving_pts = _points_array(moving_points, ndim, "moving_points")
     if fixed_pts.shape != moving_pts.shape:
         raise RegistrationInputError(f"fixed {fixed_pts.shape} and moving {moving_pts.shape} points differ")
+    sample = (
+        {"order": 3, "mode": "constant", "cval": 0.0, "prefilter": True}
+        if interpolation == "cubic"
+        else {"order": 1, "mode": "nearest"}
+    )
     displacement = np.stack(
-        [ndimage.map_coordinates(field[i], fixed_pts.T, order=1, mode="nearest") for i in range(ndim)], axis=1
+        [ndimage.map_coordinates(field[i], fixed_pts.T, **sample) for i in range(ndim)], axis=1
     )
     residual = (fixed_pts + displacement - moving_pts) * _spacing_array(spacing, ndim)
     return np.linalg.norm(residual, axis=1)
@@ -262,32 +280,46 @@ def _jacobian_cases(jac: ArrayLike) -> np.ndarray:
     return arr
 
 
-def sdlogj(jac: ArrayLike, mode: str = "l2r") -> float:
-    """Standard deviation of the log Jacobian determinant; ``jac`` ``(B, *S)``, mean over the batch.
+L2R_CROP = 2
+"""Voxels cropped at every side before SDlogJ and folding, as the Learn2Reg evaluation crops its Jacobian."""
+L2R_CLIP = (1e-9, 1e9)
+"""Bounds the Learn2Reg evaluation clips the Jacobian determinant to before the log."""
 
-    ``mode="l2r"``: the official Learn2Reg value ``std(log(clip(J + 3, 1e-9, 1e9)))`` on the interior
-    (2 voxels cropped at every side, as the L2R evaluation code does). ``mode="log"``: ``std(log J)`` over
-    the voxels with ``J > 0`` (whole field; NaN if there are none).
+
+def _interior(case: np.ndarray, name: str) -> np.ndarray:
+    """``case[2:-2, ..., 2:-2]``: the Learn2Reg interior crop of one ``S`` Jacobian map."""
+    interior = case[tuple(slice(L2R_CROP, -L2R_CROP) for _ in range(case.ndim))]
+    if interior.size == 0:
+        raise RegistrationInputError(f"{name}: field {case.shape} too small for the {L2R_CROP}-voxel crop")
+    return interior
+
+
+def sdlogj(jac: ArrayLike, mode: str = "clip") -> float:
+    """Standard deviation of the log Jacobian determinant on the Learn2Reg interior; ``jac`` ``(B, *S)``.
+
+    Both forms crop 2 voxels at every side (as the Learn2Reg evaluation does) and average over the batch.
+    ``mode="clip"`` (the corrected form, key ``sdlogj``): ``std(log(clip(J, 1e-9, 1e9)))`` -- a folded voxel
+    (``J <= 0``) counts as ``log 1e-9``, so folding raises the value. ``mode="l2r"`` (the Learn2Reg challenge
+    form, key ``sdlogj_l2r``): ``std(log(clip(J + 3, 1e-9, 1e9)))``, whose ``+ 3`` shrinks every deviation.
     """
-    cases = _jacobian_cases(jac)
-    values = []
-    for case in cases:
-        if mode == "l2r":
-            interior = case[tuple(slice(2, -2) for _ in range(case.ndim))]
-            if interior.size == 0:
-                raise RegistrationInputError(f"sdlogj: field {case.shape} too small for the 2-voxel crop")
-            values.append(np.log(np.clip(interior + 3.0, 1e-9, 1e9)).std())
-        elif mode == "log":
-            positive = case[case > 0]
-            values.append(np.log(positive).std() if positive.size else np.nan)
-        else:
-            raise RegistrationInputError(f'sdlogj: mode must be "l2r" or "log", got "{mode}"')
+    if mode not in ("clip", "l2r"):
+        raise RegistrationInputError(f'sdlogj: mode must be "clip" or "l2r", got "{mode}"')
+    offset = 3.0 if mode == "l2r" else 0.0
+    values = [
+        np.log(np.clip(_interior(case, "sdlogj") + offset, *L2R_CLIP)).std() for case in _jacobian_cases(jac)
+    ]
     return float(np.mean(values))
 
 
-def folding_fraction(jac: ArrayLike) -> float:
-    """Percentage (0-100) of voxels with ``J <= 0`` over the whole ``(B, *S)`` field."""
+def folding_fraction(jac: ArrayLike, crop: bool = True) -> float:
+    """Percentage (0-100) of voxels with ``J <= 0`` in a ``(B, *S)`` Jacobian map.
+
+    ``crop=True``: on the Learn2Reg interior (2 voxels cropped at every side), the region SDlogJ uses;
+    ``crop=False``: over the whole grid.
+    """
     cases = _jacobian_cases(jac)
+    if crop:
+        cases = np.stack([_interior(case, "folding_fraction") for case in cases])
     return float(100.0 * np.count_nonzero(cases <= 0) / cases.size)
 
 
@@ -332,14 +364,18 @@ def registration_metrics(
     moving_points: ArrayLike | None = None,
     spacing: float | Sequence[float] | None = None,
     labels: Sequence[int] | None = None,
+    tre_interpolation: str = "cubic",
 ) -> dict:
     """Learn2Reg metrics of one registration ``ddf`` ``(1, N, *S)`` or ``(N, *S)`` on the fixed grid.
 
     Keys: ``dice`` (dict label -> Dice), ``dice_mean``, ``hd95_mm`` (mean over labels) when both label maps
     are given (moving labels warped nearest-neighbour by ``ddf``); ``tre_mm``, ``tre_mm_initial`` (means over
-    landmarks) when both point sets are given; always ``sdlogj`` (std log J over J > 0), ``sdlogj_l2r``
-    (official L2R form) and ``folding_percent``. Metrics that do not apply are absent. ``spacing``: fixed-grid
-    voxel size per axis in mm (None = 1 mm); ``labels``: label values to evaluate (default: all non-zero).
+    landmarks; field sampled as ``tre_interpolation``, cubic as Learn2Reg) when both point sets are given;
+    ``sdlogj`` (corrected: std log clip(J, 1e-9, 1e9)), ``sdlogj_l2r`` (Learn2Reg challenge form,
+    std log(J + 3)) and ``folding_percent`` (% J <= 0), all on the Learn2Reg interior (2-voxel crop), when
+    the field is larger than 4 voxels on every axis. Metrics that do not apply are absent. ``spacing``:
+    fixed-grid voxel size per axis in mm (None = 1 mm); ``labels``: label values to evaluate (default: all
+    non-zero).
     """
     from regnet_zoo.core.spatial import warp_labels  # late: the metrics above do not need torch warping
 
@@ -366,12 +402,12 @@ def registration_metrics(
     if (fixed_points is None) != (moving_points is None):
         warnings.warn("registration_metrics: TRE needs both fixed_points and moving_points", stacklevel=2)
     if fixed_points is not None and moving_points is not None:
-        metrics["tre_mm"] = float(tre(fixed_points, moving_points, field, spacing).mean())
+        metrics["tre_mm"] = float(tre(fixed_points, moving_points, field, spacing, tre_interpolation).mean())
         identity = torch.zeros_like(field)
         metrics["tre_mm_initial"] = float(tre(fixed_points, moving_points, identity, spacing).mean())
-    jac = jacobian_determinant(field)
-    metrics["sdlogj"] = sdlogj(jac, mode="log")
-    if min(field.shape[2:]) > 4:  # the L2R form needs an interior after its 2-voxel crop
+    if min(field.shape[2:]) > 2 * L2R_CROP:  # the field metrics need an interior after the crop
+        jac = jacobian_determinant(field)
+        metrics["sdlogj"] = sdlogj(jac, mode="clip")
         metrics["sdlogj_l2r"] = sdlogj(jac, mode="l2r")
-    metrics["folding_percent"] = folding_fraction(jac)
+        metrics["folding_percent"] = folding_fraction(jac)
     return metrics

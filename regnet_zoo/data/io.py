@@ -26,7 +26,7 @@ from monai.data import MetaTensor
 
 from regnet_zoo.core.geometry import affine_from_itk as lps_affine_to_ras
 from regnet_zoo.core.geometry import as_4x4 as _as_4x4
-from regnet_zoo.core.geometry import lps_to_voxel, voxel_to_lps
+from regnet_zoo.core.geometry import itk_geometry, lps_to_voxel, voxel_to_lps
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "SITK_SUFFIXES",
     "NUMPY_SUFFIXES",
     "IMAGE_SUFFIXES",
+    "WRITE_SUFFIXES",
     "file_suffix",
     "load_image",
     "load_label",
@@ -54,6 +55,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 NUMPY_SUFFIXES = (".npz", ".npy")
 IMAGE_SUFFIXES = NIFTI_SUFFIXES + SITK_SUFFIXES + NUMPY_SUFFIXES
+#: formats :func:`save_image` writes (geometry kept)
+WRITE_SUFFIXES = NIFTI_SUFFIXES + (".mha", ".mhd", ".nrrd", ".nhdr")
 
 # npz keys tried in order when no key is given
 _IMAGE_KEYS = ("image", "img", "vol", "data", "arr_0")
@@ -366,6 +369,21 @@ def atomic_write(
     return path
 
 
+def _write_sitk(arr: np.ndarray, affine: np.ndarray, vector: bool, path: Path) -> None:
+    """Array ``(*S)`` or ``(*S, C)`` (``vector``), index order -> an ITK file (MHA, NRRD) via SimpleITK."""
+    import SimpleITK as sitk
+
+    rank = arr.ndim - 1 if vector else arr.ndim
+    # SimpleITK arrays are indexed (z, y, x): reverse the spatial axes, components last
+    order = tuple(range(rank - 1, -1, -1)) + ((rank,) if vector else ())
+    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr, order)), isVector=vector)
+    origin, spacing, direction = itk_geometry(affine, rank)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+    sitk.WriteImage(image, str(path), useCompression=True)
+
+
 def save_image(
     data: np.ndarray | torch.Tensor,
     path: str | os.PathLike,
@@ -375,16 +393,20 @@ def save_image(
     channel_first: bool = True,
     protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write a channel-first ``(C, *S)`` image (or ``(*S)`` with ``channel_first=False``) as NIfTI.
+    """Write a channel-first ``(C, *S)`` image (or ``(*S)`` with ``channel_first=False``) in the format its
+    extension names (:data:`WRITE_SUFFIXES`): NIfTI through nibabel, MHA/MHD/NRRD through ITK's writers.
 
-    ``affine``: 4x4 (or 2D 3x3) RAS affine; defaults to the ``MetaTensor``'s own, else identity. Several
-    channels are stored last (``(*S, C)``; 2D as ``(H, W, 1, C)``) as in Learn2Reg displacement files. The
-    file is written to a temporary name and renamed; an existing file is replaced only with
-    ``overwrite=True``, and never when it is the data's own source file or one of ``protect``.
+    ``affine``: 4x4 (or 2D 3x3) RAS affine; defaults to the ``MetaTensor``'s own, else identity; ITK formats
+    get the same geometry in LPS. Several channels are stored last in NIfTI (``(*S, C)``; 2D as
+    ``(H, W, 1, C)``) as in Learn2Reg displacement files, and as a vector image in ITK formats. The file is
+    written to a temporary name and renamed; an existing file is replaced only with ``overwrite=True``, and
+    never when it is the data's own source file or one of ``protect``.
     """
     path = Path(path)
-    if file_suffix(path) not in NIFTI_SUFFIXES:
-        raise _fail(path, "save_image writes NIfTI only; use a .nii or .nii.gz name")
+    suffix = file_suffix(path)
+    if suffix not in WRITE_SUFFIXES:
+        raise _fail(path, f"cannot write {suffix or 'a file without extension'}; use one of "
+                    f"{', '.join(WRITE_SUFFIXES)}")
     protected = list(protect)
     if isinstance(data, MetaTensor):
         source = data.meta.get("filename_or_obj", "")
@@ -393,6 +415,7 @@ def save_image(
             affine = data.affine
     aff = _as_4x4(affine)
     arr = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    rank = None
     if channel_first:
         if arr.ndim not in (3, 4):
             raise ValueError(
@@ -419,6 +442,12 @@ def save_image(
         img.set_qform(aff, code=1)
         img.set_sform(aff, code=1)
         nib.save(img, str(tmp))
+
+    if suffix not in NIFTI_SUFFIXES:
+        vector = channel_first and rank is not None and arr.ndim > rank
+        if vector and rank == 2:
+            arr = arr[:, :, 0, :]  # NIfTI's placeholder axis
+        return atomic_write(path, lambda tmp: _write_sitk(arr, aff, vector, tmp), overwrite, protected)
 
     return atomic_write(path, write, overwrite, protected)
 

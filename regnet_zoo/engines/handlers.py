@@ -212,6 +212,7 @@ def format_metrics_table(per_pair: Mapping[str, Mapping[str, Any]], summary: Map
             "mse_initial",
             "mse",
             "sdlogj",
+            "sdlogj_l2r",
             "folding_percent",
         )
         if c in summary

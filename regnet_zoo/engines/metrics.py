@@ -62,7 +62,8 @@ def pair_metrics(
 def aggregate_metrics(per_pair: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean, standard deviation and count of every scalar metric over pairs (NaN ignored) + robustness.
 
-    Robustness (Learn2Reg 2021): ``dice_mean_30`` (DSC30), ``sdlogj_30``, ``tre_mm_30`` when present.
+    Robustness (Learn2Reg 2021): ``dice_mean_30`` (DSC30), ``sdlogj_30``, ``sdlogj_l2r_30``,
+    ``tre_mm_30`` when present.
     """
     keys = sorted({k for m in per_pair for k, v in m.items() if isinstance(v, (int, float))})
     summary: dict[str, Any] = {"num_pairs": len(per_pair)}
@@ -74,7 +75,12 @@ def aggregate_metrics(per_pair: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "std": float(finite.std()) if finite.size else float("nan"),
             "count": int(finite.size),
         }
-    robust: dict[str, Callable] = {"dice_mean": dsc30, "sdlogj": sdlogj30, "tre_mm": tre30}
+    robust: dict[str, Callable] = {
+        "dice_mean": dsc30,
+        "sdlogj": sdlogj30,
+        "sdlogj_l2r": sdlogj30,
+        "tre_mm": tre30,
+    }
     for key, fn in robust.items():
         if key in summary:
             summary[f"{key}_30"] = fn([float(m[key]) for m in per_pair if key in m])

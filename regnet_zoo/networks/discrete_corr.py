@@ -18,7 +18,8 @@ diffusion smoothness of the coarse field; image similarity when no labels exist.
 Grid bookkeeping: inputs are replicate-padded at their end to a multiple of ``stride``; feature voxel ``j``
 sits at full-resolution voxel ``stride * j + origin`` (``origin = 0`` for the strided convolutions,
 ``(stride - 1) / 2`` for the average-pooled identity features), so a coarse offset ``d`` is exactly
-``stride * d`` voxels.
+``stride * d`` voxels. The non-local label loss pools the one-hot labels onto the same centres
+(``core.pyramid.pool_to_grid`` with the features' origin).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from regnet_zoo.core.losses import (
     warped_label_dice_loss,
 )
 from regnet_zoo.core.padding import pad_to_multiple, replicate_pad
-from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
+from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf
+from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -199,16 +201,6 @@ def expected_displacement(probabilities: torch.Tensor, radius: int) -> torch.Ten
     return torch.einsum("bl...,ln->bn...", probabilities, offsets.to(probabilities.dtype))
 
 
-def upsample_coarse_ddf(
-    ddf_coarse: torch.Tensor, size: Sequence[int], stride: int, origin: float = 0.0
-) -> torch.Tensor:
-    """Linear interpolation of a coarse field ``(B, N, *S_c)`` (already in full-resolution voxel units)
-    whose voxel ``j`` sits at full-resolution voxel ``stride * j + origin`` -> ``(B, N, *size)`` (border
-    clamped)."""
-    coords = (identity_grid(size, device=ddf_coarse.device, dtype=ddf_coarse.dtype) - origin) / stride
-    return sample_image(ddf_coarse, coords, mode="linear", padding_mode="border")
-
-
 def nonlocal_label_transfer(
     probabilities: torch.Tensor, moving_onehot: torch.Tensor, radius: int, chunk_size: int | None = None
 ) -> torch.Tensor:
@@ -334,9 +326,13 @@ class DiscreteCorrNet(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # loss
 # ------------------------------------------------------------------------------------------------------------
-def _area_downsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    pool = (F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[x.ndim - 4]
-    return pool(x, tuple(size))
+def _grid_stride(size: Sequence[int], grid: Sequence[int]) -> int:
+    """The power-of-two stride ``s`` with ``ceil(size / s) == grid`` on every axis."""
+    for levels in range(16):
+        stride = 2**levels
+        if all(-(-int(n) // stride) == int(g) for n, g in zip(size, grid, strict=True)):
+            return stride
+    raise ValueError(f"no power-of-two stride maps the image grid {tuple(size)} onto {tuple(grid)}")
 
 
 class DiscreteCorrLoss(nn.Module):
@@ -344,7 +340,10 @@ class DiscreteCorrLoss(nn.Module):
 
     label term (with ``fixed_label`` and ``moving_label`` in the batch):
 
-    - ``"nonlocal"`` (PDD-Net): one-hot labels area-downsampled to the coarse grid; the moving ones
+    - ``"nonlocal"`` (PDD-Net): one-hot labels area-averaged onto the feature grid (width-``stride`` boxes
+      centred on the feature voxels ``stride * j + feature_origin``, ``core.pyramid.pool_to_grid``; the
+      stride follows from the image and probability grids; ``feature_origin`` 0 for the learned features,
+      ``"block"`` for the identity features); the moving ones
       transferred through ``probabilities`` (:func:`nonlocal_label_transfer`) and compared with the fixed
       ones by squared error weighted per class by inverse square-root frequency (mean 1). Falls back to
       ``"dice"`` when the outputs carry no ``probabilities`` (e.g. instance optimisation of ``ddf_coarse``);
@@ -366,8 +365,14 @@ class DiscreteCorrLoss(nn.Module):
         image_with_labels: bool = False,
         include_background: bool = True,
         nonlocal_metric: str = "mse",
+        feature_origin: float | str = 0.0,
     ) -> None:
         super().__init__()
+        # where feature voxel 0 sits in image voxels (the network's ``features.origin``): 0 for the learned
+        # strided-conv features; "block" = (stride - 1) / 2 for the average-pooled identity features
+        if isinstance(feature_origin, str) and feature_origin != "block":
+            raise ValueError(f"feature_origin must be a number or 'block', got {feature_origin!r}")
+        self.feature_origin = feature_origin
         if label_loss not in ("nonlocal", "dice"):
             raise ValueError(f"label_loss must be 'nonlocal' or 'dice', got {label_loss!r}")
         if image_loss not in ("mse", "ncc", "lncc"):
@@ -394,8 +399,10 @@ class DiscreteCorrLoss(nn.Module):
         spatial_dims = probabilities.ndim - 2
         radius = (_grid_side(probabilities.shape[1], spatial_dims) - 1) // 2
         grid = probabilities.shape[2:]
-        fixed_coarse = _area_downsample(fixed_onehot, grid)
-        moving_coarse = _area_downsample(moving_onehot, grid)
+        stride = _grid_stride(fixed_onehot.shape[2:], grid)
+        origin = (stride - 1) / 2 if self.feature_origin == "block" else float(self.feature_origin)
+        fixed_coarse = pool_to_grid(fixed_onehot, stride, origin)
+        moving_coarse = pool_to_grid(moving_onehot, stride, origin)
         transferred = nonlocal_label_transfer(probabilities, moving_coarse, radius)
         if not self.include_background:
             transferred, fixed_coarse = transferred[:, 1:], fixed_coarse[:, 1:]

@@ -11,7 +11,13 @@ input); level 0 is the image itself. Coarsest first, each level
 5. upsamples the field to the next level (upsampling + one convolution).
 
 The finest field (level 0, input resolution) is the network's ``ddf``. Every field is a DDF in voxel units of
-its own level's grid (README "Conventions"). Paper: /work/shared/papers/pwc-pyramid-gunnarsson2020.txt;
+its own level's grid (README "Conventions"). One grid convention for every level (``core.pyramid``): level
+``l`` voxel ``j`` sits at input voxel ``2^l j + (2^l - 1) / 2``, the centre of the block that average pooling
+by ``2^l`` turns into it; the loss's level images are those block means, and fields move between levels on
+these centres with their values scaled by 2 per level. (The stride-2 convolutions centre their features on
+input voxel ``2^l j``; correlation and refinement are translation-equivariant, so this only places where the
+network attributes a level's estimate, and training adapts it to the pooled-image grid of the loss.)
+Paper: /work/shared/papers/pwc-pyramid-gunnarsson2020.txt;
 deviations are listed in ``bundles/pwc/README.md``.
 """
 
@@ -20,12 +26,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from regnet_zoo.core.correlation import correlation_volume
 from regnet_zoo.core.losses import diffusion_loss, global_ncc, lncc_loss, warped_label_dice_loss
-from regnet_zoo.core.spatial import compose_ddf, resize_ddf, warp_image
+from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf, upsample_ddf_from_level
+from regnet_zoo.core.spatial import compose_ddf, warp_image
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -85,12 +91,10 @@ def affine_ddf_squared_norm(ddf: torch.Tensor) -> torch.Tensor:
     return (ddf / scale).pow(2).sum(dim=1).mean()
 
 
-def downsample_to(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Image ``(B, C, *S)`` downsampled to ``shape`` by area averaging (the level images ``I^(l)``)."""
-    if tuple(image.shape[2:]) == tuple(shape):
-        return image
-    pool = F.adaptive_avg_pool3d if image.ndim == 5 else F.adaptive_avg_pool2d
-    return pool(image, tuple(shape))
+def downsample_to(image: torch.Tensor, level: int) -> torch.Tensor:
+    """The level image ``I^(l)``: ``(B, C, *S)`` -> ``(B, C, *ceil(S / 2^l))``, block means of ``2^l`` voxels
+    (``core.pyramid.pool_to_grid``; the border voxel repeated where ``S`` is not a multiple)."""
+    return image if level == 0 else pool_to_grid(image, 2**level)
 
 
 class ConvBlock(nn.Sequential):
@@ -194,7 +198,8 @@ class DeformModule(nn.Module):
 
 
 class UpsampleModule(nn.Module):
-    """Upsampling (linear, displacements rescaled to the finer grid) + one conv (identity at init)."""
+    """Upsampling by 2 (linear, on the level grids' centres, displacements doubled) + one conv (identity at
+    init). ``(B, N, *S_{l+1}) -> (B, N, *shape)`` with ``S_{l+1} = ceil(shape / 2)``."""
 
     def __init__(self, spatial_dims: int):
         super().__init__()
@@ -207,7 +212,8 @@ class UpsampleModule(nn.Module):
             self.conv.bias.zero_()
 
     def forward(self, ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-        return self.conv(resize_ddf(ddf, tuple(shape)))
+        # coarse voxel j sits at fine voxel 2 j + 1/2 (both grids are block-mean grids of the input)
+        return self.conv(upsample_coarse_ddf(2.0 * ddf, tuple(shape), stride=2, origin=0.5))
 
 
 class PWCRegistrationPyramid(nn.Module):
@@ -333,14 +339,14 @@ class PWCRegistrationPyramid(nn.Module):
 def level_warped_images(outputs: dict[str, torch.Tensor], moving: torch.Tensor) -> dict[str, torch.Tensor]:
     """The paper's Table 2 view: ``moving`` ``(B, C, *S)`` warped by each level's (upsampled) ``phi_d^(l)``.
 
-    Returns ``{"warped_level{l}": (B, C, *S)}`` for every ``ddf_level{l}`` in ``outputs``.
+    Returns ``{"warped_level{l}": (B, C, *S)}`` for every ``ddf_level{l}`` in ``outputs`` (level fields
+    upsampled with ``core.pyramid.upsample_ddf_from_level``).
     """
     shape = tuple(moving.shape[2:])
-    warped = {}
-    for key, ddf in outputs.items():
-        if key.startswith("ddf_level"):
-            warped["warped_level" + key[len("ddf_level") :]] = warp_image(moving, resize_ddf(ddf, shape))
-    return warped
+    return {
+        f"warped_level{level}": warp_image(moving, upsample_ddf_from_level(ddf, shape, 2**level))
+        for level, ddf in _level_keys(outputs, "ddf_level").items()
+    }
 
 
 def _level_keys(outputs: dict[str, torch.Tensor], prefix: str) -> dict[int, torch.Tensor]:
@@ -360,7 +366,7 @@ class PWCLoss(nn.Module):
 
 
     ``gamma_l = gamma / 2^l``, ``alpha_l = alpha * 2^l``, ``beta_l = beta / 2^l`` (paper: lambda 5, gamma 5,
-    alpha 1, beta 1). ``I^(l)`` are the images area-downsampled to level ``l``; NCC is global
+    alpha 1, beta 1). ``I^(l)`` are the images' ``2^l`` block means (:func:`downsample_to`); NCC is global
     (``ncc_window=None``, the paper's NCC [Pratt]) or local with that window. The Dice term uses the
     foreground labels warped by ``phi_d^(0)`` (one-hot, linear) and is skipped without labels. Levels absent
     from ``outputs`` are skipped; ``ddf`` stands in for level 0 when ``ddf_level0`` is missing.
@@ -399,9 +405,9 @@ class PWCLoss(nn.Module):
         similarity, smoothness, affine = zero, zero, zero
         for level, ddf in deform.items():
             shape = ddf.shape[2:]
-            warped = warp_image(downsample_to(moving, shape), ddf)
+            warped = warp_image(downsample_to(moving, level), ddf)
             similarity = similarity + self.gamma / 2**level * self._negative_ncc(
-                downsample_to(fixed, shape), warped
+                downsample_to(fixed, level), warped
             )
             if min(shape) >= 3:  # finite differences need three voxels per axis
                 smoothness = smoothness + self.beta / 2**level * diffusion_loss(ddf)
