@@ -237,3 +237,24 @@ def test_register_cli_affine_stage_on_real_mr_pair_agrees_with_simpleitk(shared_
         return float(np.corrcoef(sitk.GetArrayFromImage(fixed)[inside], warped[inside])[0, 1])
 
     assert correlation(ours) > correlation(sitk.Transform(3, sitk.sitkIdentity)) + 0.1
+
+
+def test_pre_aligned_network_input_is_the_same_through_bundle_transforms_and_register(
+    phantom_dir, monkeypatch
+):
+    """With the affine stage on both paths (``transforms#pre_align`` / ``register(affine=...)``), the network
+    still sees the same pair: the stage is one function of the normalised images on both."""
+    fixed, moving = case(phantom_dir, 3), case(phantom_dir, 4)
+    overrides = {"image_size": [24, 40], "transforms#pre_align": "affine"}
+    parser = bundle_parser("ddrnet", "inference", spatial_dims=2, **overrides)
+    expected = parser.get_parsed_content("transforms")({"fixed": str(fixed), "moving": str(moving)})
+    network = ConstantShift()
+    prep = bundle_preprocessing("ddrnet", 2, **overrides)
+    assert prep.pre_align == "affine"
+    monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (network, prep))
+    result = register(fixed, moving, "ddrnet", affine="affine")
+    (fixed_in, moving_in), = network.seen
+    np.testing.assert_allclose(result.affine, expected["pre_affine"].numpy(), atol=1e-6)
+    assert not np.allclose(result.affine, np.eye(4), atol=1e-3)  # the stage did something
+    torch.testing.assert_close(fixed_in, expected["fixed"].as_tensor()[None], atol=1e-6, rtol=0)
+    torch.testing.assert_close(moving_in, expected["moving"].as_tensor()[None], atol=1e-5, rtol=0)
