@@ -63,7 +63,7 @@ def _as_image(image: Tensor, spatial_dims: int, name: str) -> Tensor:
             f"got {tuple(image.shape)}"
         )
     image = image.float()
-    if not torch.isfinite(image).all():
+    if not torch.isfinite(image.sum(dtype=torch.float64)):  # any NaN / inf makes the sum non-finite
         raise RegistrationInputError(f"{name}: image contains NaN or inf")
     return image
 
@@ -95,15 +95,17 @@ def _homogeneous(linear: Tensor, offset: Tensor) -> Tensor:
     return out
 
 
-def _normalise(image: Tensor) -> Tensor:
-    """Robust rescale to [0, 1] per channel (0.5 / 99.5 percentiles of at most ~200k voxels, clipped)."""
+def _robust_range(image: Tensor) -> tuple[Tensor, Tensor]:
+    """0.5 / 99.5 percentiles per channel (of at most ~200k voxels), each ``(1, C, 1, ...)``."""
     flat = image.reshape(image.shape[1], -1)
-    stride = max(1, flat.shape[1] // 200_000)
-    sample = flat[:, ::stride]
-    lo = torch.quantile(sample, 0.005, dim=1, keepdim=True)
-    hi = torch.quantile(sample, 0.995, dim=1, keepdim=True)
-    flat = ((flat - lo) / (hi - lo).clamp_min(1e-8)).clamp(0.0, 1.0)
-    return flat.reshape(image.shape)
+    sample = flat[:, :: max(1, flat.shape[1] // 200_000)]
+    lo = torch.quantile(sample, 0.005, dim=1).reshape(1, -1, *([1] * (image.ndim - 2)))
+    hi = torch.quantile(sample, 0.995, dim=1).reshape(lo.shape)
+    return lo, hi
+
+
+def _rescale(image: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    return ((image - lo) / (hi - lo).clamp_min(1e-8)).clamp(0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -371,7 +373,7 @@ def affine_register(
         )
     a_fixed = _as_matrix(fixed_affine, n, "fixed_affine", device)
     a_moving = _as_matrix(moving_affine, n, "moving_affine", device)
-    weight_full = torch.ones_like(fixed_img[:, :1])
+    weight_full = None
     if fixed_mask is not None:
         mask = torch.as_tensor(fixed_mask).as_subclass(Tensor).to(device=device, dtype=torch.float32)
         mask = mask.reshape(1, 1, *mask.shape[-n:])
@@ -381,43 +383,42 @@ def affine_register(
             )
         weight_full = (mask > 0).float()
 
-    fixed_img, moving_img = _normalise(fixed_img), _normalise(moving_img)
-    with torch.no_grad():
-        centre = _centre(fixed_img * weight_full, a_fixed, init if init != "identity" else "geometry")
-        if init == "identity":
-            offset = torch.zeros(n, dtype=torch.float64, device=device)
-        else:
-            offset = _centre(moving_img, a_moving, init) - _centre(fixed_img * weight_full, a_fixed, init)
-
     spacing_f = _spacing(a_fixed)
     finest = float(spacing_f.min())
     if max_voxels:
         extent = float(torch.prod(spacing_f * torch.tensor(fixed_img.shape[2:], device=device)))
         finest = max(finest, (extent / max_voxels) ** (1.0 / n))
 
-    params = torch.zeros(_n_params(transform, n), dtype=torch.float64, device=device)
-    rot = 1 if n == 2 else 3
-    params[rot : rot + n] = offset
-    # the pyramid, finest level first, each level block-averaged from the one below it
+    # the pyramid on the raw intensities, finest level first, each level block-averaged from the one below
     pyramid = []
     f_img, f_mat, m_img, m_mat, weight = fixed_img, a_fixed, moving_img, a_moving, weight_full
     for level in range(levels):
         target = finest * 2**level
         f_factors = _factors(_spacing(f_mat), f_img.shape[2:], target, min_size)
-        if fixed_mask is not None:
-            weight, _ = _pool(weight, f_mat, f_factors)
+        weight = None if weight is None else _pool(weight, f_mat, f_factors)[0]
         f_img, f_mat = _pool(f_img, f_mat, f_factors)
         m_img, m_mat = _pool(m_img, m_mat, _factors(_spacing(m_mat), m_img.shape[2:], target, min_size))
-        pyramid.append((f_img, f_mat, m_img, m_mat, weight if fixed_mask is not None else None))
+        ones = torch.ones_like(f_img[:, :1])
+        pyramid.append([f_img, f_mat, m_img, m_mat, ones if weight is None else weight])
+    # intensities mapped to [0, 1] with the finest level's robust range, the same map for every level
+    f_range, m_range = _robust_range(pyramid[0][0]), _robust_range(pyramid[0][2])
+    for entry in pyramid:
+        entry[0], entry[2] = _rescale(entry[0], *f_range), _rescale(entry[2], *m_range)
+
+    f_img, f_mat, m_img, m_mat, weight = pyramid[0]
+    centre = _centre(f_img * weight, f_mat, init if init != "identity" else "geometry")
+    offset = torch.zeros(n, dtype=torch.float64, device=device)
+    if init != "identity":
+        offset = _centre(m_img, m_mat, init) - _centre(f_img * weight, f_mat, init)
+    params = torch.zeros(_n_params(transform, n), dtype=torch.float64, device=device)
+    rot = 1 if n == 2 else 3
+    params[rot : rot + n] = offset
     # RMS distance of the finest level's fixed grid from the centre: turns angles / log-scales into mm
-    f_img, f_mat = pyramid[0][:2]
     grid = identity_grid(f_img.shape[2:], device=device, dtype=torch.float64)[0].reshape(n, -1)
     points = f_mat[:n, :n] @ grid + f_mat[:n, n : n + 1]
     radius = float(torch.sqrt(((points - centre[:, None]) ** 2).sum(0).mean()).clamp_min(1e-3))
     for level in reversed(range(levels)):
         f_img, f_mat, m_img, m_mat, weight = pyramid[level]
-        if weight is None:
-            weight = torch.ones_like(f_img[:, :1])
         if iterations[level] == 0:
             continue
         f_to_index, _ = _grid_to_normalised(f_img.shape[2:], device)
@@ -453,15 +454,19 @@ def _optimise(loss_fn, params: Tensor, optimizer: str, iterations: int, step: fl
 
         opt.step(closure)
         return params.detach()
-    opt = torch.optim.Adam([params], lr=step)
+    # Adam written out: ``torch.optim`` imports torch._dynamo on first use (seconds), more than a whole run
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
     for i in range(iterations):
-        # cosine decay to 10 % of the step: coarse moves first, then settle
-        for group in opt.param_groups:
-            group["lr"] = step * (0.1 + 0.45 * (1 + math.cos(math.pi * i / max(iterations, 1))))
-        opt.zero_grad()
         loss = loss_fn(params)
-        loss.backward()
-        opt.step()
+        (grad,) = torch.autograd.grad(loss, params)
+        m1.mul_(beta1).add_(grad, alpha=1 - beta1)
+        m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        # cosine decay to 10 % of the step: coarse moves first, then settle
+        lr = step * (0.1 + 0.45 * (1 + math.cos(math.pi * i / max(iterations, 1))))
+        m1_hat, m2_hat = m1 / (1 - beta1 ** (i + 1)), m2 / (1 - beta2 ** (i + 1))
+        with torch.no_grad():
+            params -= lr * m1_hat / (m2_hat.sqrt() + eps)
     return params.detach()
 
 
