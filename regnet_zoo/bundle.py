@@ -316,12 +316,18 @@ def export_bundle(
     """
     from monai.bundle import ckpt_export
 
+    from regnet_zoo.weights import read_weights
+
     root = bundle_dir(name)
     filepath = Path(filepath) if filepath is not None else root / "models" / "model.ts"
+    ckpt = Path(ckpt_file) if ckpt_file is not None else root / "models" / "model.pt"
+    # self-describing weights keep the state dict under "model" (regnet_zoo.weights)
+    key_in_ckpt = "model" if read_weights(ckpt)[1] is not None else ""
     ckpt_export(
+        key_in_ckpt=key_in_ckpt,
         net_id="network_def",
         filepath=str(filepath),
-        ckpt_file=str(ckpt_file) if ckpt_file is not None else str(root / "models" / "model.pt"),
+        ckpt_file=str(ckpt),
         meta_file=str(root / "metadata.json"),
         config_file=config_files(name, "train"),
         use_trace=True,
