@@ -14,9 +14,12 @@ the file given as ``filepath`` exists; :data:`SCHEMA_PATH` is shipped with the p
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
-from collections.abc import Sequence
+import pydoc
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from regnet_zoo import bundle_dir
+from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "BUNDLE_FILES",
@@ -34,7 +38,9 @@ __all__ = [
     "bundle_parser",
     "bundle_metadata",
     "run_bundle",
+    "check_overrides",
     "load_bundle_network",
+    "load_bundle_weights",
     "verify_bundle_metadata",
     "export_bundle",
 ]
@@ -96,12 +102,88 @@ def bundle_parser(name: str, config: str = "train", **overrides: Any) -> ConfigP
     return parser
 
 
+#: keyword arguments of ``monai.bundle.run`` that are not config overrides
+_RUN_ARGUMENTS = frozenset({"run_id", "init_id", "final_id", "tracking", "args_file"})
+#: keys MONAI reads in any component dict
+_RESERVED_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
+
+
+def _target_parameters(target: Any) -> set[str] | None:
+    """Keyword names the component ``target`` (a ``_target_`` string) accepts; ``None``: any or unknown."""
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return None
+    component = pydoc.locate(target)
+    if component is None:  # a short MONAI name (``Compose``): MONAI's own lookup
+        from monai.bundle.config_item import ComponentLocator
+
+        module = ComponentLocator().get_component_module_name(target)
+        component = pydoc.locate(f"{module}.{target}") if isinstance(module, str) else None
+    try:
+        parameters = inspect.signature(component).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def _unknown_override(content: Any, key: str) -> str | None:
+    """Why the config ``content`` has no place for the override id ``key`` (``None``: it has one)."""
+    parts = key.replace("::", "#").split("#")
+    node = content
+    for depth, part in enumerate(parts):
+        here = "#".join(parts[:depth])
+        if isinstance(node, Mapping):
+            if part in node or part in _RESERVED_KEYS:
+                node = node.get(part)
+                continue
+            accepted = _target_parameters(node["_target_"]) if "_target_" in node else set()
+            if accepted is None or (part in accepted and depth == len(parts) - 1):
+                return None  # a constructor argument the config leaves at its default
+            candidates = [str(k) for k in node if k not in _RESERVED_KEYS] + sorted(accepted - set(node))
+        elif isinstance(node, list):
+            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+                continue
+            return f"{here} is a list of {len(node)} items, it has no item {part!r}"
+        elif isinstance(node, str) and node.startswith(("$", "@", "%")):
+            return None  # an expression or a reference: what it holds is only known when it runs
+        else:
+            return f"{here} is a value ({node!r}), it has no key {part!r}"
+        matches = difflib.get_close_matches(part, candidates, n=3, cutoff=0.6)
+        where = f"{here} has no key {part!r}" if here else f"the config has no key {part!r}"
+        full = [f"{here}#{m}" if here else m for m in matches]
+        return where + (f"; did you mean {' or '.join(full)}?" if full else "")
+    return None
+
+
+def check_overrides(name: str, config: str, overrides: Mapping[str, Any]) -> None:
+    """Raise ``RegistrationInputError`` (one line, with the closest keys) for the first override id that the
+    bundle's ``config`` does not have: a misspelt ``lerning_rate`` would otherwise be ignored silently.
+
+    Nested ids (``network_def#overlap``) are checked level by level; an argument that a component's
+    ``_target_`` accepts but the config leaves at its default is allowed, and so is anything below an
+    expression or a reference.
+    """
+    parser = ConfigParser()
+    parser.read_config(config_files(name, config))  # the configs alone: no metadata needed here
+    content = parser.get()
+    for key in _overrides(dict(overrides)):
+        if key in _RUN_ARGUMENTS or key == "bundle_root":
+            continue
+        problem = _unknown_override(content, key)
+        if problem is not None:
+            raise RegistrationInputError(f"unknown override {key!r} for bundle {name} ({config}): {problem}")
+
+
 def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
     """Run a bundle config with ``monai.bundle.run`` (the same as ``python -m monai.bundle run``).
 
     Example: ``run_bundle("ddrnet", "train", epochs=2, dataset_dir="../shared/data/oasis3d_pair",
-    spatial_dims=3)``.
+    spatial_dims=3)``. An override the config does not have raises ``RegistrationInputError``
+    (:func:`check_overrides`).
     """
+    check_overrides(name, config, overrides)
     from monai.bundle import run
 
     from regnet_zoo.errors import user_error
@@ -122,17 +204,77 @@ def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
         raise inner from None
 
 
-def _state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The network weights of a saved object: a plain state dict or a trainer checkpoint with ``model``."""
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a state dict or a checkpoint with a 'model' entry")
-    # weights saved from a DistributedDataParallel / compiled network carry a prefix
-    for prefix in ("module.", "_orig_mod."):
-        if checkpoint and all(k.startswith(prefix) for k in checkpoint):
-            checkpoint = {k[len(prefix) :]: v for k, v in checkpoint.items()}
-    return checkpoint
+def _plain(value: Any) -> Any:
+    """Tuples as lists (recorded config values are JSON-like)."""
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def _kernel_dims(state: dict[str, torch.Tensor]) -> int | None:
+    """2 or 3 from the rank of the convolution kernels of a state dict (None if unclear)."""
+    ranks = {v.ndim for v in state.values()}
+    return 3 if 5 in ranks else 2 if 4 in ranks else None
+
+
+def load_bundle_weights(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    spatial_dims: int | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(trained network in eval mode, its metadata or None) from a weights file (default
+    ``bundles/<name>/models/model.pt``).
+
+    Self-describing weights (:mod:`regnet_zoo.weights`) rebuild the recorded network (class and arguments)
+    and are checked against ``name`` and ``spatial_dims`` (``RegistrationInputError``); ``network_def#...``
+    overrides must match the recorded arguments (others do not concern the network and are ignored). A plain
+    state dict or a trainer checkpoint is loaded into the bundle's ``network_def`` (``train.yaml`` with
+    ``overrides``; ``spatial_dims`` from the kernels when not given), with a warning that the config is
+    assumed to be the trained one.
+    """
+    import warnings
+
+    from regnet_zoo.errors import RegistrationInputError
+    from regnet_zoo.weights import build_network, check_weights_fit, read_weights
+
+    path = Path(weights) if weights is not None else bundle_dir(name) / "models" / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights {path} not found; train first: regnet-zoo train {name} (or python -m monai.bundle run "
+            f"--config_file {bundle_dir(name) / 'train.yaml'})"
+        )
+    state, meta = read_weights(path)
+    if meta is not None:
+        check_weights_fit(meta, str(path), method=name, spatial_dims=spatial_dims)
+        recorded = meta["network"]["args"]
+        for key, value in _overrides(overrides).items():
+            arg = key.split("#", 1)[1] if key.startswith("network_def#") else None
+            if arg is not None and _plain(recorded.get(arg)) != _plain(value):
+                raise RegistrationInputError(
+                    f"{path}: the network was trained with {key}={recorded.get(arg)!r}, not {value!r}"
+                )
+        network = build_network(meta, state)
+    else:
+        warnings.warn(
+            f"{path}: weights without regnet_zoo metadata (a plain state dict): the {name} bundle's current "
+            "network_def and preprocessing are assumed to be the trained ones",
+            stacklevel=2,
+        )
+        dims = _kernel_dims(state)
+        if spatial_dims is not None and dims is not None and dims != spatial_dims:
+            raise RegistrationInputError(
+                f"{path}: the weights are for {dims}D images but the images are {spatial_dims}D"
+            )
+        dims = spatial_dims or dims
+        parser = bundle_parser(name, "train", **({"spatial_dims": dims} if dims else {}), **overrides)
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as err:  # state dict does not fit the configured network
+            raise RegistrationInputError(
+                f"{path}: weights do not fit the {name} bundle's network ({str(err).splitlines()[0]})"
+            ) from err
+    return network.to(device).eval(), meta
 
 
 def load_bundle_network(
@@ -144,21 +286,17 @@ def load_bundle_network(
 ) -> nn.Module:
     """The bundle's ``network_def`` (``train.yaml`` with ``overrides``) with trained weights, in eval mode.
 
-    ``weights``: a state dict file or a resumable checkpoint (its ``model`` entry); default
-    ``bundles/<name>/models/model.pt``. ``load_weights=False`` returns the freshly initialised network.
-    Raises ``FileNotFoundError`` with a hint when the weights do not exist.
+    ``weights``: self-describing weights, a state dict file or a resumable checkpoint (its ``model`` entry);
+    default ``bundles/<name>/models/model.pt`` (see :func:`load_bundle_weights`). ``load_weights=False``
+    returns the freshly initialised network. Raises ``FileNotFoundError`` with a hint when the weights do not
+    exist.
     """
-    parser = bundle_parser(name, "train", **overrides)
-    network: nn.Module = parser.get_parsed_content("network_def", instantiate=True)
-    if load_weights:
-        path = Path(weights) if weights is not None else bundle_dir(name) / "models" / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"weights {path} not found; train first: python -m monai.bundle run --config_file "
-                f"{bundle_dir(name) / 'train.yaml'}"
-            )
-        network.load_state_dict(_state_dict(torch.load(path, map_location="cpu", weights_only=True), path))
-    return network.to(device).eval()
+    if not load_weights:
+        parser = bundle_parser(name, "train", **overrides)
+        network: nn.Module = parser.get_parsed_content("network_def", instantiate=True)
+        return network.to(device).eval()
+    spatial_dims = overrides.pop("spatial_dims", None)
+    return load_bundle_weights(name, weights, device, spatial_dims=spatial_dims, **overrides)[0]
 
 
 def verify_bundle_metadata(name: str, schema: str | os.PathLike = SCHEMA_PATH) -> None:
@@ -186,12 +324,18 @@ def export_bundle(
     """
     from monai.bundle import ckpt_export
 
+    from regnet_zoo.weights import read_weights
+
     root = bundle_dir(name)
     filepath = Path(filepath) if filepath is not None else root / "models" / "model.ts"
+    ckpt = Path(ckpt_file) if ckpt_file is not None else root / "models" / "model.pt"
+    # self-describing weights keep the state dict under "model" (regnet_zoo.weights)
+    key_in_ckpt = "model" if read_weights(ckpt)[1] is not None else ""
     ckpt_export(
+        key_in_ckpt=key_in_ckpt,
         net_id="network_def",
         filepath=str(filepath),
-        ckpt_file=str(ckpt_file) if ckpt_file is not None else str(root / "models" / "model.pt"),
+        ckpt_file=str(ckpt),
         meta_file=str(root / "metadata.json"),
         config_file=config_files(name, "train"),
         use_trace=True,

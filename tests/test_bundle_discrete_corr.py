@@ -19,6 +19,7 @@ from regnet_zoo.bundle import (
     run_bundle,
 )
 from regnet_zoo.networks.discrete_corr import DiscreteCorrLoss, DiscreteCorrNet
+from regnet_zoo.weights import read_weights
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_train_writes_weights_that_reload(trained_root):
     assert weights.is_file()
     assert any((trained_root / "models" / "checkpoints").iterdir())
     network = load_bundle_network("discrete_corr", weights=weights)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state, _ = read_weights(weights)  # self-describing: state dict + metadata
     torch.testing.assert_close(network.state_dict(), state)
     pair = torch.rand(1, 2, 40, 40)
     with torch.no_grad():

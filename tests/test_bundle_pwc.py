@@ -20,6 +20,7 @@ from regnet_zoo.bundle import (
     run_bundle,
 )
 from regnet_zoo.networks.pwc import PWCLoss, PWCRegistrationPyramid
+from regnet_zoo.weights import read_weights
 
 SIZE = [40, 40]
 TINY = {"image_size": SIZE, "batch_size": 2, "train__dataset__data": "$@dataset.pairs('train')[:4]"}
@@ -102,7 +103,7 @@ def test_resume_continues_from_the_last_epoch(trained):
         trained / "models" / "checkpoints" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False
     )
     assert state["trainer"]["iteration"] == 2 * 2  # 4 pairs, batches of 2, two epochs
-    final = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    final, _ = read_weights(trained / "models" / "model.pt")  # self-describing: state dict + metadata
     assert set(final) == set(state["model"])
 
 
