@@ -100,11 +100,15 @@ class PeakMemory:
 
 
 def load_eval_pairs(
-    dataset_dir: str, spatial_dims: int, image_size: list[int] | None, max_pairs: int | None = None
+    dataset_dir: str,
+    spatial_dims: int,
+    image_size: list[int] | None,
+    max_pairs: int | None = None,
+    pre_align: str | None = None,
 ) -> tuple[list[dict], list[int] | None]:
     """The validation pairs (``registration_val``; the first two training pairs when there are none), each
-    preprocessed once with the bundles' ``pair_transforms`` and collated to a batch of one; and the
-    dataset's evaluation labels (``None``: all non-zero labels)."""
+    preprocessed once with the bundles' ``pair_transforms`` (with the affine stage ``pre_align``, if any)
+    and collated to a batch of one; and the dataset's evaluation labels (``None``: all non-zero labels)."""
     from regnet_zoo.data.learn2reg import Learn2RegDataset
     from regnet_zoo.data.transforms import pair_collate, pair_transforms
 
@@ -113,11 +117,16 @@ def load_eval_pairs(
     if max_pairs is not None:
         pairs = pairs[:max_pairs]
     transforms = pair_transforms(
-        spatial_size=image_size, pad_multiple=None, keys_present=EVAL_KEYS, spatial_dims=spatial_dims
+        spatial_size=image_size,
+        pad_multiple=None,
+        keys_present=EVAL_KEYS,
+        spatial_dims=spatial_dims,
+        pre_align=pre_align,
     )
     batches = []
     for pair in pairs:
         item = transforms({k: v for k, v in pair.items() if k in EVAL_KEYS or k == "keypoint_units"})
+        item.pop("pre_affine", None)
         batch = pair_collate([item])
         batch["name"] = f"{os.path.basename(pair['fixed'])} <- {os.path.basename(pair['moving'])}"
         batches.append(batch)

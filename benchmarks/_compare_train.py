@@ -75,8 +75,10 @@ def bundle_train_spec(
     image_size: list[int] | None,
     device: str,
     batch_size: int | None = None,
+    pre_align: str | None = None,
 ) -> TrainSpec:
-    """The training parts of ``bundles/<method>/train.yaml`` (monai ``ConfigParser``) for this dataset."""
+    """The training parts of ``bundles/<method>/train.yaml`` (monai ``ConfigParser``) for this dataset
+    (``pre_align``: the affine stage of its ``pair_transforms``)."""
     from regnet_zoo.bundle import bundle_parser
 
     overrides: dict[str, Any] = {
@@ -87,6 +89,8 @@ def bundle_train_spec(
     }
     if batch_size is not None:
         overrides["batch_size"] = batch_size
+    if pre_align is not None:
+        overrides["transforms#pre_align"] = pre_align
     parser = bundle_parser(method, "train", **overrides)
     network = parser.get_parsed_content("network")
     trainer_config = parser.get("train#trainer", {})
@@ -114,6 +118,7 @@ def voxelmorph_train_spec(
     similarity: str = "lncc",
     learning_rate: float = 1e-3,
     seed: int = 0,
+    pre_align: str | None = None,
 ) -> TrainSpec:
     """MONAI ``VoxelMorph`` with LNCC (or MSE) + diffusion on every ordered pair of training subjects.
 
@@ -130,6 +135,7 @@ def voxelmorph_train_spec(
         pad_multiple=None,
         keys_present=["fixed", "moving"],
         spatial_dims=spatial_dims,
+        pre_align=pre_align,
     )
     pairs = [
         {"fixed": p["fixed"], "moving": p["moving"]} for p in Learn2RegDataset(dataset_dir).pairs("train")

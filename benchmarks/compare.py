@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch / SimpleITK threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--voxelmorph-similarity", choices=("lncc", "mse"), default="lncc")
+    parser.add_argument(
+        "--pre-align",
+        choices=("affine", "rigid", "none"),
+        default="none",
+        help="affine stage (regnet_zoo.core.affine) before every method, in training and evaluation",
+    )
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
     return parser
 
@@ -150,6 +156,11 @@ def _empty_row(method: str, kind: str, status: str, note: str) -> dict[str, Any]
     return row
 
 
+def _pre_align(args: argparse.Namespace) -> str | None:
+    pre_align = getattr(args, "pre_align", "none")
+    return None if pre_align in (None, "none") else pre_align
+
+
 def _deep_parts(
     method: str, dataset_dir: Path, spatial_dims: int, args: argparse.Namespace
 ) -> tuple[Callable, Callable]:
@@ -166,6 +177,7 @@ def _deep_parts(
                 args.batch_size,
                 similarity=args.voxelmorph_similarity,
                 seed=args.seed,
+                pre_align=_pre_align(args),
             )
 
         def make_network():
@@ -177,7 +189,13 @@ def _deep_parts(
 
     def make_spec():
         return bundle_train_spec(
-            method, str(dataset_dir), spatial_dims, image_size, args.device, args.batch_size
+            method,
+            str(dataset_dir),
+            spatial_dims,
+            image_size,
+            args.device,
+            args.batch_size,
+            pre_align=_pre_align(args),
         )
 
     def make_network():
@@ -208,7 +226,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     image_size = list(args.image_size) if args.image_size else None
-    pairs, labels = load_eval_pairs(str(dataset_dir), spatial_dims, image_size, max_pairs)
+    pairs, labels = load_eval_pairs(str(dataset_dir), spatial_dims, image_size, max_pairs, _pre_align(args))
     if not pairs:
         raise SystemExit(f"compare.py: error: {dataset_dir} has no registration pairs")
     grid = tuple(pairs[0]["fixed"].shape[2:])
@@ -247,6 +265,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
                     batch_size=args.batch_size,
                     seed=args.seed,
                     similarity=args.voxelmorph_similarity if method == "voxelmorph" else None,
+                    **({"pre_align": _pre_align(args)} if _pre_align(args) else {}),
                 )
                 network, record = train_or_load(
                     method,

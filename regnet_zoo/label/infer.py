@@ -3,7 +3,7 @@
 Request (``POST /infer/<model>?image=<fixed id>`` with form field ``params``)::
 
     {"moving": "<moving image id>", "result": "warped" | "warped_label" | "ddf", "instance_opt": 0,
-     "device": "cpu"}
+     "device": "cpu", "affine": "affine" | "rigid" | "none"}
 
 - ``warped`` (default): the moving image warped onto the fixed grid (linear), NIfTI;
 - ``warped_label``: the moving image's datastore label (tag ``final``, else ``original``) warped with
@@ -13,6 +13,8 @@ Request (``POST /infer/<model>?image=<fixed id>`` with form field ``params``)::
   points, so it resamples the moving image onto the fixed one).
 
 ``instance_opt``: Adam steps of test-time optimisation of the network's transform on this pair (bundle loss).
+``affine``: the pre-alignment stage of :func:`regnet_zoo.api.register` (default ``"affine"``, ``"none"``:
+off); the outputs hold the whole transform. Preprocessing is register's (``regnet_zoo.data.preprocess``).
 Every output carries the fixed image's geometry. Bad requests raise ``fastapi.HTTPException`` with a 4xx
 status (MONAI Label turns any other exception into a 500): 400 bad ``params``, 404 unknown image / label,
 409 model without trained weights, 422 images that cannot be registered (2D/3D mismatch, unreadable file).
@@ -184,6 +186,11 @@ class RegistrationInferTask(InferTask):
                 detail=f"params.instance_opt must be an integer number of steps in 0..{MAX_INSTANCE_OPT}, "
                 f"got {instance_opt!r}",
             )
+        affine = request.get("affine") or "affine"
+        if affine not in ("affine", "rigid", "none"):
+            raise HTTPException(
+                status_code=400, detail=f"params.affine must be 'affine', 'rigid' or 'none', got {affine!r}"
+            )
         device = str(request.get("device") or self.app_config.device)
         if isinstance(request.get("device"), list | tuple) and request["device"]:  # clients may send a list
             device = str(request["device"][0])
@@ -202,6 +209,7 @@ class RegistrationInferTask(InferTask):
                 weights=weights,
                 device=device,
                 instance_opt=instance_opt,
+                affine=None if affine == "none" else affine,
             )
         except RegistrationInputError as err:
             raise HTTPException(status_code=422, detail=str(err)) from err
@@ -216,6 +224,7 @@ class RegistrationInferTask(InferTask):
             "result": result_type,
             "weights": str(weights),
             "instance_opt": instance_opt,
+            "affine": affine,
             "shape": list(result.ddf_voxel.shape[1:]),
             "metrics": _json_metrics(result.metrics),
         }
