@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from regnet_zoo import METHODS, bundle_dir
+from regnet_zoo import METHODS, bundle_dir, bundle_home
 from regnet_zoo.bundle import BUNDLE_FILES, bundle_parser, load_bundle_network, verify_bundle_metadata
 
 TOP_LEVEL_KEYS = ("dataset_dir", "epochs", "device", "bundle_root", "spatial_dims", "network_def", "loss")
@@ -18,7 +18,7 @@ def test_bundle_files_keys_and_metadata(method):
     train = bundle_parser(method, "train")
     for key in TOP_LEVEL_KEYS:
         assert key in train, f"{method}: {key}"
-    assert train["bundle_root"] == str(folder)
+    assert train["bundle_root"] == str(bundle_home(method))
     verify_bundle_metadata(method)  # offline, against the packaged schema
 
 
