@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import runpy
+import shutil
+import site
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -22,6 +26,8 @@ from regnet_zoo.bundle import (
     load_bundle_network,
     verify_bundle_metadata,
 )
+from regnet_zoo.data.learn2reg import Learn2RegDataset
+from regnet_zoo.data.phantom import default_dataset_dir
 
 TOP_LEVEL_KEYS = ("dataset_dir", "epochs", "device", "bundle_root", "spatial_dims", "network_def", "loss")
 
@@ -172,3 +178,58 @@ def test_ckpt_export_runs_at_two_sizes_and_equals_eager(method, tmp_path):
             got = exported(pair)
         assert expected.shape == (shape[0], 2, *shape[2:]) and expected.abs().max() > 0
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+# ---- the wheel: bundles ship inside the package; outputs go to a user-writable place
+IGNORED = {".git", ".venv", "models", "runs", "outputs", "eval", "build", "dist", "__pycache__", "results"}
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_trains_and_registers_from_any_folder(tmp_path):
+    """``pip wheel`` + ``pip install --no-deps`` into a fresh venv that sees the test venv's packages
+    (nothing is downloaded), then ``regnet-zoo train`` / ``register`` from an unrelated folder: the packaged
+    bundle runs and its outputs go to ``~/.regnet_zoo/<method>``, never into site-packages."""
+    src, dist, venv = tmp_path / "src", tmp_path / "dist", tmp_path / "venv"
+    shutil.copytree(
+        regnet_zoo.project_root(), src, symlinks=True, ignore=lambda d, names: IGNORED & set(names)
+    )
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist)]
+    subprocess.run([*build, str(src)], check=True, capture_output=True, timeout=300)
+    wheel = next(dist.glob("regnet_zoo-*.whl"))
+    make_venv = [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)]
+    subprocess.run(make_venv, check=True)
+    python = str(venv / "bin" / "python")
+
+    def py(code: str, **kwargs) -> str:
+        out = subprocess.run([python, "-c", code], check=True, capture_output=True, text=True, **kwargs)
+        return out.stdout
+
+    own_site = py("import site; print(site.getsitepackages()[0])").strip()
+    # the test venv's packages (torch, MONAI, ...) behind the new venv's own (a venv made from a venv sees
+    # only the base interpreter's); its editable regnet_zoo is not picked up (no .pth processing there)
+    Path(own_site, "_test_venv.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "REGNET_ZOO_HOME")}
+    env.update(HOME=str(tmp_path / "home"), OMP_NUM_THREADS="1")
+    install = [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)]
+    subprocess.run(install, check=True, env=env, capture_output=True, timeout=300)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    phantom_dir = default_dataset_dir(2)  # the built-in phantoms (cached)
+
+    def run(*args: str) -> None:
+        result = subprocess.run(
+            [str(venv / "bin" / "regnet-zoo"), *args], cwd=elsewhere, env=env, capture_output=True, text=True,
+            timeout=600,
+        )
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+    where = py("import regnet_zoo; print(regnet_zoo.bundle_dir('ddrnet'))", cwd=elsewhere, env=env)
+    where = Path(where.strip())
+    assert where.is_relative_to(own_site) and (where / "configs" / "train.yaml").is_file()
+    size = "image_size=[32, 32]"
+    run("train", "ddrnet", "--dataset-dir", str(phantom_dir), "--epochs", "1", size, "batch_size=16")
+    assert (tmp_path / "home" / ".regnet_zoo" / "ddrnet" / "models" / "model.pt").is_file()
+    assert not (where / "models").exists()  # nothing written into site-packages
+    pair = Learn2RegDataset(phantom_dir).pairs("val")[0]
+    run("register", "--method", "ddrnet", "--fixed", pair["fixed"], "--moving", pair["moving"], "--out=out")
+    assert (elsewhere / "out" / "ddf_voxel.nii.gz").is_file()
