@@ -16,10 +16,13 @@ official schema file (MONAI downloads the schema named in ``metadata.json`` unle
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import json
 import os
+import pydoc
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from regnet_zoo import bundle_dir, bundle_home
+from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "BUNDLE_FILES",
@@ -38,6 +42,7 @@ __all__ = [
     "bundle_metadata",
     "default_bundle_root",
     "run_bundle",
+    "check_overrides",
     "load_bundle_network",
     "verify_bundle_metadata",
     "export_bundle",
@@ -129,14 +134,89 @@ def bundle_parser(name: str, config: str = "train", **overrides: Any) -> ConfigP
     return parser
 
 
+#: keyword arguments of ``monai.bundle.run`` that are not config overrides
+_RUN_ARGUMENTS = frozenset({"run_id", "init_id", "final_id", "tracking", "args_file"})
+#: keys MONAI reads in any component dict
+_RESERVED_KEYS = frozenset({"_target_", "_disabled_", "_requires_", "_desc_", "_mode_"})
+
+
+def _target_parameters(target: Any) -> set[str] | None:
+    """Keyword names the component ``target`` (a ``_target_`` string) accepts; ``None``: any or unknown."""
+    if not isinstance(target, str) or target.startswith(("$", "@", "%")):
+        return None
+    component = pydoc.locate(target)
+    if component is None:  # a short MONAI name (``Compose``): MONAI's own lookup
+        from monai.bundle.config_item import ComponentLocator
+
+        module = ComponentLocator().get_component_module_name(target)
+        component = pydoc.locate(f"{module}.{target}") if isinstance(module, str) else None
+    try:
+        parameters = inspect.signature(component).parameters.values()  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+
+
+def _unknown_override(content: Any, key: str) -> str | None:
+    """Why the config ``content`` has no place for the override id ``key`` (``None``: it has one)."""
+    parts = key.replace("::", "#").split("#")
+    node = content
+    for depth, part in enumerate(parts):
+        here = "#".join(parts[:depth])
+        if isinstance(node, Mapping):
+            if part in node or part in _RESERVED_KEYS:
+                node = node.get(part)
+                continue
+            accepted = _target_parameters(node["_target_"]) if "_target_" in node else set()
+            if accepted is None or (part in accepted and depth == len(parts) - 1):
+                return None  # a constructor argument the config leaves at its default
+            candidates = [str(k) for k in node if k not in _RESERVED_KEYS] + sorted(accepted - set(node))
+        elif isinstance(node, list):
+            if part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+                node = node[int(part)]
+                continue
+            return f"{here} is a list of {len(node)} items, it has no item {part!r}"
+        elif isinstance(node, str) and node.startswith(("$", "@", "%")):
+            return None  # an expression or a reference: what it holds is only known when it runs
+        else:
+            return f"{here} is a value ({node!r}), it has no key {part!r}"
+        matches = difflib.get_close_matches(part, candidates, n=3, cutoff=0.6)
+        where = f"{here} has no key {part!r}" if here else f"the config has no key {part!r}"
+        full = [f"{here}#{m}" if here else m for m in matches]
+        return where + (f"; did you mean {' or '.join(full)}?" if full else "")
+    return None
+
+
+def check_overrides(name: str, config: str, overrides: Mapping[str, Any]) -> None:
+    """Raise ``RegistrationInputError`` (one line, with the closest keys) for the first override id that the
+    bundle's ``config`` does not have: a misspelt ``lerning_rate`` would otherwise be ignored silently.
+
+    Nested ids (``network_def#overlap``) are checked level by level; an argument that a component's
+    ``_target_`` accepts but the config leaves at its default is allowed, and so is anything below an
+    expression or a reference.
+    """
+    content = bundle_parser(name, config).get()
+    for key in _overrides(dict(overrides)):
+        if key in _RUN_ARGUMENTS or key == "bundle_root":
+            continue
+        problem = _unknown_override(content, key)
+        if problem is not None:
+            files = " + ".join(CONFIG_LAYERS[config])
+            raise RegistrationInputError(f"unknown override {key!r} for bundles/{name}/{files}: {problem}")
+
+
 def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
     """Run a bundle config with ``monai.bundle.run`` (the same as ``python -m monai.bundle run``).
 
     Example: ``run_bundle("ddrnet", "train", epochs=2, dataset_dir="../shared/data/oasis3d_pair",
-    spatial_dims=3)``.
+    spatial_dims=3)``. An override the config does not have raises ``RegistrationInputError``
+    (:func:`check_overrides`).
     """
     from monai.bundle import run
 
+    check_overrides(name, config, overrides)
     configs = bundle_dir(name) / "configs"
     run(
         config_file=config_files(name, config),

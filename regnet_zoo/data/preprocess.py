@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regnet_zoo.core.padding import pad_to_multiple as core_pad_to_multiple
 from regnet_zoo.core.spatial import identity_grid, sample_image
 
 __all__ = [
@@ -172,18 +173,8 @@ def resized_affine(affine: np.ndarray | Tensor, old: Sequence[int], new: Sequenc
 
 def pad_to_multiple(x: Tensor, multiple: int | None) -> tuple[Tensor, tuple[slice, ...]]:
     """Zero-pad ``(B, C, *S)`` symmetrically (the odd voxel after) to a multiple of ``multiple`` (as MONAI's
-    ``DivisiblePad``); the slices that crop back."""
-    sizes = x.shape[2:]
-    if not multiple or multiple <= 1:
-        return x, (slice(None),) * x.ndim
-    pads, crop = [], [slice(None), slice(None)]
-    for n in sizes:
-        total = (-n) % multiple
-        before = total // 2
-        pads.append((before, total - before))
-        crop.append(slice(before, before + n))
-    flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last axis first
-    return F.pad(x, flat), tuple(crop)
+    ``DivisiblePad``; ``None``: none); the slices that crop back (``core.padding.pad_to_multiple``)."""
+    return core_pad_to_multiple(x, int(multiple) if multiple and multiple > 1 else 1, centred=True)
 
 
 def network_inputs(

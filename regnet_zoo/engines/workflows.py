@@ -56,6 +56,24 @@ def prepare_registration_batch(
     return batch
 
 
+def prepare_regnet_batch(
+    batchdata: Mapping[str, Any],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """:func:`prepare_registration_batch` plus RegNet's supervision ``ddf_gt`` ``(B, N, *S)`` and
+    ``ddf_mask`` ``(B, 1, *S)`` (from ``regnet_zoo.data.regnet_crop.RegNetSyntheticCropd``)."""
+    batch = prepare_registration_batch(batchdata, device, non_blocking, **kwargs)
+    for key in ("ddf_gt", "ddf_mask"):
+        value = batchdata.get(key)
+        if isinstance(value, torch.Tensor):
+            if isinstance(value, MetaTensor):
+                value = value.as_tensor()
+            batch[key] = value.to(device=device, non_blocking=non_blocking, **kwargs)
+    return batch
+
+
 def _detach(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in outputs.items()}
 
