@@ -44,6 +44,7 @@ __all__ = [
     "run_bundle",
     "check_overrides",
     "load_bundle_network",
+    "load_bundle_weights",
     "verify_bundle_metadata",
     "export_bundle",
     "generated_files",
@@ -226,17 +227,77 @@ def run_bundle(name: str, config: str = "train", **overrides: Any) -> None:
     )
 
 
-def _state_dict(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
-    """The network weights of a saved object: a plain state dict or a trainer checkpoint with ``model``."""
-    if isinstance(checkpoint, dict) and "model" in checkpoint and isinstance(checkpoint["model"], dict):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, dict):
-        raise ValueError(f"{path}: not a state dict or a checkpoint with a 'model' entry")
-    # weights saved from a DistributedDataParallel / compiled network carry a prefix
-    for prefix in ("module.", "_orig_mod."):
-        if checkpoint and all(k.startswith(prefix) for k in checkpoint):
-            checkpoint = {k[len(prefix) :]: v for k, v in checkpoint.items()}
-    return checkpoint
+def _plain(value: Any) -> Any:
+    """Tuples as lists (recorded config values are JSON-like)."""
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def _kernel_dims(state: dict[str, torch.Tensor]) -> int | None:
+    """2 or 3 from the rank of the convolution kernels of a state dict (None if unclear)."""
+    ranks = {v.ndim for v in state.values()}
+    return 3 if 5 in ranks else 2 if 4 in ranks else None
+
+
+def load_bundle_weights(
+    name: str,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    spatial_dims: int | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(trained network in eval mode, its metadata or None) from a weights file (default
+    ``<bundle_home>/models/model.pt``).
+
+    Self-describing weights (:mod:`regnet_zoo.weights`) rebuild the recorded network (class and arguments)
+    and are checked against ``name`` and ``spatial_dims`` (``RegistrationInputError``); ``network_def#...``
+    overrides must match the recorded arguments (others do not concern the network and are ignored). A plain
+    state dict or a trainer checkpoint is loaded into the bundle's ``network_def`` (``train.yaml`` with
+    ``overrides``; ``spatial_dims`` from the kernels when not given), with a warning that the config is
+    assumed to be the trained one.
+    """
+    import warnings
+
+    from regnet_zoo.errors import RegistrationInputError
+    from regnet_zoo.weights import build_network, check_weights_fit, read_weights
+
+    path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights {path} not found; train first: regnet-zoo train {name} (or python -m monai.bundle run "
+            f"--config_file {bundle_dir(name) / 'train.yaml'})"
+        )
+    state, meta = read_weights(path)
+    if meta is not None:
+        check_weights_fit(meta, str(path), method=name, spatial_dims=spatial_dims)
+        recorded = meta["network"]["args"]
+        for key, value in _overrides(overrides).items():
+            arg = key.split("#", 1)[1] if key.startswith("network_def#") else None
+            if arg is not None and _plain(recorded.get(arg)) != _plain(value):
+                raise RegistrationInputError(
+                    f"{path}: the network was trained with {key}={recorded.get(arg)!r}, not {value!r}"
+                )
+        network = build_network(meta, state)
+    else:
+        warnings.warn(
+            f"{path}: weights without regnet_zoo metadata (a plain state dict): the {name} bundle's current "
+            "network_def and preprocessing are assumed to be the trained ones",
+            stacklevel=2,
+        )
+        dims = _kernel_dims(state)
+        if spatial_dims is not None and dims is not None and dims != spatial_dims:
+            raise RegistrationInputError(
+                f"{path}: the weights are for {dims}D images but the images are {spatial_dims}D"
+            )
+        dims = spatial_dims or dims
+        parser = bundle_parser(name, "train", **({"spatial_dims": dims} if dims else {}), **overrides)
+        network = parser.get_parsed_content("network_def", instantiate=True)
+        try:
+            network.load_state_dict(state)
+        except RuntimeError as err:  # state dict does not fit the configured network
+            raise RegistrationInputError(
+                f"{path}: weights do not fit the {name} bundle's network ({str(err).splitlines()[0]})"
+            ) from err
+    return network.to(device).eval(), meta
 
 
 def load_bundle_network(
@@ -248,18 +309,17 @@ def load_bundle_network(
 ) -> nn.Module:
     """The bundle's ``network_def`` (``train.yaml`` with ``overrides``) with trained weights, in eval mode.
 
-    ``weights``: a state dict file or a resumable checkpoint (its ``model`` entry); default
-    ``<bundle_home>/models/model.pt``. ``load_weights=False`` returns the freshly initialised network.
-    Raises ``FileNotFoundError`` with a hint when the weights do not exist.
+    ``weights``: self-describing weights, a state dict file or a resumable checkpoint (its ``model`` entry);
+    default ``<bundle_home>/models/model.pt`` (see :func:`load_bundle_weights`). ``load_weights=False``
+    returns the freshly initialised network. Raises ``FileNotFoundError`` with a hint when the weights do not
+    exist.
     """
-    parser = bundle_parser(name, "train", **overrides)
-    network: nn.Module = parser.get_parsed_content("network_def", instantiate=True)
-    if load_weights:
-        path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"weights {path} not found; train first: regnet-zoo train {name}")
-        network.load_state_dict(_state_dict(torch.load(path, map_location="cpu", weights_only=True), path))
-    return network.to(device).eval()
+    if not load_weights:
+        parser = bundle_parser(name, "train", **overrides)
+        network: nn.Module = parser.get_parsed_content("network_def", instantiate=True)
+        return network.to(device).eval()
+    spatial_dims = overrides.pop("spatial_dims", None)
+    return load_bundle_weights(name, weights, device, spatial_dims=spatial_dims, **overrides)[0]
 
 
 def verify_bundle_metadata(name: str, schema: str | os.PathLike = SCHEMA_PATH) -> None:
@@ -289,12 +349,18 @@ def export_bundle(
     """
     from monai.bundle import ckpt_export
 
+    from regnet_zoo.weights import read_weights
+
     home, configs = bundle_home(name), bundle_dir(name) / "configs"
     filepath = Path(filepath) if filepath is not None else home / "models" / "model.ts"
+    ckpt = Path(ckpt_file) if ckpt_file is not None else home / "models" / "model.pt"
+    # self-describing weights keep the state dict under "model" (regnet_zoo.weights)
+    key_in_ckpt = "model" if read_weights(ckpt)[1] is not None else ""
     ckpt_export(
+        key_in_ckpt=key_in_ckpt,
         net_id="ddf_network",
         filepath=str(filepath),
-        ckpt_file=str(ckpt_file) if ckpt_file is not None else str(home / "models" / "model.pt"),
+        ckpt_file=str(ckpt),
         meta_file=str(configs / "metadata.json"),
         config_file=config_files(name, "inference"),
         use_trace=True,

@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--spatial-dims", type=int, choices=(2, 3), help="2 or 3 (default: from the dataset's dataset.json)"
     )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the weights of an earlier run (models/model.pt); without it training refuses to start",
+    )
     # the underscore spellings, documented before: hidden aliases, so that they keep their checks
     train.add_argument("--dataset_dir", dest="dataset_dir", help=argparse.SUPPRESS)
     train.add_argument(
@@ -372,6 +377,24 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _refuse_to_replace_weights(method: str, overrides: dict[str, Any]) -> None:
+    """Before any data is loaded: the run's model.pt must not exist unless overwrite / resume (the bundle's
+    ModelSaver checks the same when the trainer starts)."""
+    from regnet_zoo.bundle import bundle_parser
+
+    if overrides.get("overwrite") or overrides.get("resume_from") not in (None, "", False):
+        return
+    parser = bundle_parser(method, "train", **overrides)
+    if parser.get("overwrite") or parser.get("resume_from") not in (None, "", False):
+        return
+    path = Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
+    if path.exists():
+        raise RegistrationInputError(
+            f"{path}: weights of an earlier training run exist; pass --overwrite to replace them "
+            "(or --ckpt_dir DIR to train into another folder)"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from regnet_zoo.api import check_method
     from regnet_zoo.bundle import run_bundle
@@ -395,6 +418,9 @@ def _train(args: argparse.Namespace) -> int:
         from regnet_zoo.api import resolve_device
 
         resolve_device("cuda")
+    if args.overwrite:
+        overrides["overwrite"] = True
+    _refuse_to_replace_weights(args.method, overrides)
     run_bundle(args.method, "train", **overrides)
     return 0
 

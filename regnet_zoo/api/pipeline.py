@@ -57,6 +57,7 @@ from regnet_zoo.core.spatial import resize_ddf
 from regnet_zoo.data.io import atomic_write, check_pair, metrics_to_json, save_image
 from regnet_zoo.data.preprocess import Preprocessing, network_inputs, normalise_intensity
 from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.weights import check_weights_fit
 
 __all__ = [
     "OUTPUT_FILES",
@@ -234,14 +235,28 @@ def check_inputs(
 def prepare_network(
     method: str, weights: str | os.PathLike | None, device: torch.device, pair: PairInputs
 ) -> tuple[nn.Module, Preprocessing]:
-    """The trained network (cached across calls) and its preprocessing, checked against the pair."""
+    """The trained network (cached across calls) and its preprocessing, checked against the pair.
+
+    The preprocessing is the one recorded in self-describing weights (:mod:`regnet_zoo.weights`): the working
+    grid, normalisation and padding the network was trained with; for plain state dicts, the bundle's config.
+    """
     path = weights_path(method, weights).resolve()
-    network = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
+    network, meta = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
+    check_weights_fit(
+        meta,
+        str(path),
+        method=method,
+        spatial_dims=pair.spatial_dims,
+        in_channels=pair.fixed.shape[0],
+        grid=tuple(pair.fixed.shape[1:]),
+    )
     in_channels = getattr(network, "in_channels", None)
     if in_channels is not None and pair.fixed.shape[0] != in_channels:
         raise RegistrationInputError(
             f"the {method} network takes {in_channels}-channel images, got {pair.fixed.shape[0]} channels"
         )
+    if meta is not None and isinstance(meta.get("preprocessing"), dict):
+        return network, Preprocessing.from_dict(meta["preprocessing"])
     return network, bundle_preprocessing(method, pair.spatial_dims)
 
 

@@ -430,6 +430,8 @@ def json_ready(value):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
+    if isinstance(value, str):
+        return str(value)  # plain str (e.g. torch.__version__ is a subclass)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, np.generic):
