@@ -127,7 +127,7 @@ def test_export_traced_matches_eager(trained, tmp_path):
     pair = torch.cat([batch["fixed"][:1], batch["moving"][:1]], dim=1)
     with torch.no_grad():
         expected = eager(batch["fixed"][:1], batch["moving"][:1])["ddf"]
-        got = traced(pair)["ddf"]
+        got = traced(pair)  # ddf_network: the DDF tensor
     assert expected.abs().max() > 0.1  # a non-trivial field
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

@@ -45,7 +45,7 @@ def test_bundle_layout_and_definitions():
     assert isinstance(network, DiscreteCorrNet) and network.stride == 4 and network.radius == 5
     assert isinstance(parser.get_parsed_content("loss"), DiscreteCorrLoss)
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert metadata["network_data_format"]["inputs"]["pair"]["num_channels"] == 2
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 2
 
 
 def test_train_writes_weights_that_reload(trained_root):
@@ -63,7 +63,7 @@ def test_train_writes_weights_that_reload(trained_root):
     traced = torch.jit.load(
         str(export_bundle("discrete_corr", trained_root / "model.ts", (1, 2, 40, 40), ckpt_file=weights))
     )
-    torch.testing.assert_close(traced(pair)["ddf"], out["ddf"])
+    torch.testing.assert_close(traced(pair), out["ddf"])
 
 
 def test_inference_and_evaluate_write_outputs(trained_root, phantom_dir):

@@ -28,27 +28,32 @@ __all__ = [
 def check_method(name: str) -> str:
     if name not in METHODS:
         raise RegistrationInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    from regnet_zoo import project_root
+    from regnet_zoo import bundle_dir
 
-    root = project_root() / "bundles" / name
-    if not (root / "train.yaml").is_file():
-        raise RegistrationInputError(
-            f"method {name!r} is not packaged yet ({root / 'train.yaml'} not found); "
-            f"packaged: {', '.join(packaged_methods()) or 'none'}"
-        )
+    try:
+        bundle_dir(name)  # the packaged bundle, or the source checkout's
+    except FileNotFoundError as err:
+        raise RegistrationInputError(str(err)) from err
     return name
 
 
 def packaged_methods() -> list[str]:
-    from regnet_zoo import project_root
+    from regnet_zoo import bundle_dir
 
-    return [m for m in METHODS if (project_root() / "bundles" / m / "train.yaml").is_file()]
+    found = []
+    for m in METHODS:
+        try:
+            bundle_dir(m)
+        except FileNotFoundError:
+            continue
+        found.append(m)
+    return found
 
 
 def weights_path(name: str, weights: str | os.PathLike | None) -> Path:
-    from regnet_zoo import bundle_dir
+    from regnet_zoo import bundle_home
 
-    path = Path(weights) if weights is not None else bundle_dir(name) / "models" / "model.pt"
+    path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
     if not path.is_file():
         default = "" if weights is not None else " (the bundle's default)"
         raise FileNotFoundError(
