@@ -86,7 +86,9 @@ def _evaluate(pair: dict, coords: torch.Tensor) -> dict:
     fixed_lab, moving_lab = pair["fixed_label"], pair["moving_label"]
     if pair["kind"] == "prostate":
         warped = _warp((moving_lab[:1] > 0.5).float(), coords, "nearest")
-        out["dice"] = dice_per_label(fixed_lab[0] > 0.5, warped[0] > 0.5, [1])[1]
+        # every moving label map has the structure: a warped map that lost it scores 0, not NaN
+        gland = fixed_lab[0] > 0.5
+        out["dice"] = dice_per_label(gland, warped[0] > 0.5, [1], moving_label=gland)[1]
         errors = []
         for c in range(1, min(fixed_lab.shape[0], moving_lab.shape[0])):  # landmark blobs present in both
             blob = _warp(moving_lab[c : c + 1].float(), coords, "linear")[0]
@@ -96,7 +98,7 @@ def _evaluate(pair: dict, coords: torch.Tensor) -> dict:
             out["tre_mm"] = float(np.mean(errors))
         return out
     warped = _warp(moving_lab.float(), coords, "nearest")[0].round().long()
-    scores = dice_per_label(fixed_lab[0].long(), warped, pair["labels"], moving_label=None)
+    scores = dice_per_label(fixed_lab[0].long(), warped, pair["labels"], moving_label=fixed_lab[0].long())
     out["dice"] = float(np.nanmean(list(scores.values())))
     return out
 

@@ -309,8 +309,8 @@ def _grid_to_normalised(shape: Sequence[int], device) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 # registration
 # ----------------------------------------------------------------------------------------------------------
-def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
-    values = [int(value)] * levels if isinstance(value, int | float) else [int(v) for v in value]
+def _per_level(value, levels: int, name: str, kind=int) -> list:
+    values = [kind(value)] * levels if isinstance(value, int | float) else [kind(v) for v in value]
     if len(values) != levels or any(v < 0 for v in values):
         raise RegistrationInputError(
             f"{name}: expected {levels} non-negative values (coarse to fine), got {value}"
@@ -327,12 +327,12 @@ def affine_register(
     transform: str = "affine",
     similarity: str = "lncc",
     levels: int = 3,
-    iterations: int | Sequence[int] = (80, 40, 20),
-    learning_rate: float = 0.3,
+    iterations: int | Sequence[int] = (40, 20, 10),
+    learning_rate: float | Sequence[float] = 0.1,
     optimizer: str = "adam",
     init: str = "moments",
     fixed_mask: Tensor | None = None,
-    max_voxels: int | None = 32_768,
+    max_voxels: int | None = 8192,
     kernel_size: int = 5,
     bins: int = 32,
     min_size: int = 8,
@@ -360,6 +360,7 @@ def affine_register(
     if levels < 1:
         raise RegistrationInputError(f"levels must be >= 1, got {levels}")
     iterations = _per_level(iterations, levels, "iterations")
+    steps = _per_level(learning_rate, levels, "learning_rate", float)
 
     n = int(np.shape(fixed_affine)[-1]) - 1
     if n not in (2, 3):
@@ -437,7 +438,7 @@ def affine_register(
             inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
             return _similarity(similarity, f_img, warped, weight * inside, kernel_size, bins, stats)
 
-        params = _optimise(loss_fn, params, optimizer, iterations[level], learning_rate * level_spacing)
+        params = _optimise(loss_fn, params, optimizer, iterations[level], steps[level] * level_spacing)
     return _matrix(params.detach(), transform, n, radius, centre)
 
 
