@@ -233,6 +233,13 @@ def test_deterministic_and_mask_and_batch_dim():
     truth = _flip(2) @ _sitk_matrix(transform) @ _flip(2)
     assert _error_voxels(first, truth, fixed) < TOLERANCE_VOXELS
     assert _error_voxels(masked, truth, fixed) < 1.0
+    # the 4x4 embedding of a 2D affine (as regnet_zoo.data.io loads 2D images) gives the same 3x3 result
+    embed = np.eye(4)
+    embed[np.ix_([0, 1, 3], [0, 1, 3])] = fa
+    embed_m = np.eye(4)
+    embed_m[np.ix_([0, 1, 3], [0, 1, 3])] = ma
+    embedded = affine_register(f, m, embed, embed_m, transform="rigid", learning_rate=LARGE_STEP)
+    assert torch.equal(embedded, first)
 
 
 def test_bad_input_is_a_one_line_error():

@@ -82,6 +82,16 @@ def _as_matrix(affine, spatial_dims: int, name: str, device) -> Tensor:
     return matrix
 
 
+def _unembed(affine) -> Tensor:
+    """A 2D voxel->world matrix embedded in 4x4 (unit third axis) -> 3x3; anything else is returned as is."""
+    m = affine.as_subclass(Tensor) if isinstance(affine, Tensor) else torch.as_tensor(np.asarray(affine))
+    if m.shape != (4, 4):
+        return m
+    m = m.to(torch.float64)
+    keep = [0, 1, 3]
+    return m[keep][:, keep]
+
+
 def _spacing(matrix: Tensor) -> Tensor:
     """Voxel size per array axis: column norms of the linear part."""
     n = matrix.shape[0] - 1
@@ -340,7 +350,8 @@ def affine_register(
     """Affine or rigid registration of ``moving`` to ``fixed`` in physical space -> ``(N+1, N+1)`` float64.
 
     fixed, moving: ``(C, *S)`` or ``(1, C, *S)``, any intensity range, their own grids.
-    fixed_affine, moving_affine: ``(N+1, N+1)`` voxel->world matrices (e.g. ``MetaTensor.affine``, RAS).
+    fixed_affine, moving_affine: ``(N+1, N+1)`` voxel->world matrices (e.g. ``MetaTensor.affine``, RAS); a
+    2D ``(C, H, W)`` image may come with the 4x4 embedding of ``regnet_zoo.data.io`` (T is then 3x3).
     transform: "rigid" or "affine". similarity: "lncc", "ncc", "mi" (multi-modal) or "mse".
     levels / iterations: pyramid levels and optimiser steps per level (coarse to fine; an int for all).
     learning_rate: step size as a fraction of each level's spacing (Adam; L-BFGS uses it as its ``lr`` / 10).
@@ -365,6 +376,9 @@ def affine_register(
     n = int(np.shape(fixed_affine)[-1]) - 1
     if n not in (2, 3):
         raise RegistrationInputError(f"fixed_affine: expected a 3x3 (2D) or 4x4 (3D) matrix, got {n + 1}")
+    if n == 3 and np.ndim(fixed) == 3:  # a 2D (C, H, W) image with the 4x4 embedding of the project's loaders
+        n = 2
+        fixed_affine, moving_affine = _unembed(fixed_affine), _unembed(moving_affine)
     fixed_img = _as_image(fixed, n, "fixed")
     device = fixed_img.device
     moving_img = _as_image(moving, n, "moving").to(device)
