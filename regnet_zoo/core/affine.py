@@ -220,10 +220,9 @@ def _mi(fixed: Tensor, warped: Tensor, weight: Tensor, bins: int) -> Tensor:
             t**3 / 6,
         )
         flat = bin_f * cols + base.long()  # column of bin ``base - 1`` after the +1 offset
-        joint = fixed.new_zeros(bins * cols)
-        for k, s in enumerate(spline):
-            joint = joint.index_add(0, flat + k, s * w)
-        joint = joint.reshape(bins, cols) / total
+        index = torch.cat([flat + k for k in range(4)])
+        values = torch.cat([s * w for s in spline])
+        joint = fixed.new_zeros(bins * cols).index_add(0, index, values).reshape(bins, cols) / total
         marg_f, marg_w = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
         mi = (joint * (torch.log(joint + 1e-10) - torch.log(marg_f @ marg_w + 1e-10))).sum()
         loss = loss - mi
@@ -337,7 +336,7 @@ def affine_register(
     transform: str = "affine",
     similarity: str = "lncc",
     levels: int = 3,
-    iterations: int | Sequence[int] = (40, 20, 10),
+    iterations: int | Sequence[int] = (30, 15, 8),
     learning_rate: float | Sequence[float] = 0.1,
     optimizer: str = "adam",
     init: str = "moments",
