@@ -82,6 +82,16 @@ def _as_matrix(affine, spatial_dims: int, name: str, device) -> Tensor:
     return matrix
 
 
+def _unembed(affine) -> Tensor:
+    """A 2D voxel->world matrix embedded in 4x4 (unit third axis) -> 3x3; anything else is returned as is."""
+    m = affine.as_subclass(Tensor) if isinstance(affine, Tensor) else torch.as_tensor(np.asarray(affine))
+    if m.shape != (4, 4):
+        return m
+    m = m.to(torch.float64)
+    keep = [0, 1, 3]
+    return m[keep][:, keep]
+
+
 def _spacing(matrix: Tensor) -> Tensor:
     """Voxel size per array axis: column norms of the linear part."""
     n = matrix.shape[0] - 1
@@ -210,10 +220,9 @@ def _mi(fixed: Tensor, warped: Tensor, weight: Tensor, bins: int) -> Tensor:
             t**3 / 6,
         )
         flat = bin_f * cols + base.long()  # column of bin ``base - 1`` after the +1 offset
-        joint = fixed.new_zeros(bins * cols)
-        for k, s in enumerate(spline):
-            joint = joint.index_add(0, flat + k, s * w)
-        joint = joint.reshape(bins, cols) / total
+        index = torch.cat([flat + k for k in range(4)])
+        values = torch.cat([s * w for s in spline])
+        joint = fixed.new_zeros(bins * cols).index_add(0, index, values).reshape(bins, cols) / total
         marg_f, marg_w = joint.sum(1, keepdim=True), joint.sum(0, keepdim=True)
         mi = (joint * (torch.log(joint + 1e-10) - torch.log(marg_f @ marg_w + 1e-10))).sum()
         loss = loss - mi
@@ -309,8 +318,8 @@ def _grid_to_normalised(shape: Sequence[int], device) -> tuple[Tensor, Tensor]:
 # ----------------------------------------------------------------------------------------------------------
 # registration
 # ----------------------------------------------------------------------------------------------------------
-def _per_level(value: int | Sequence[int], levels: int, name: str) -> list[int]:
-    values = [int(value)] * levels if isinstance(value, int | float) else [int(v) for v in value]
+def _per_level(value, levels: int, name: str, kind=int) -> list:
+    values = [kind(value)] * levels if isinstance(value, int | float) else [kind(v) for v in value]
     if len(values) != levels or any(v < 0 for v in values):
         raise RegistrationInputError(
             f"{name}: expected {levels} non-negative values (coarse to fine), got {value}"
@@ -327,12 +336,12 @@ def affine_register(
     transform: str = "affine",
     similarity: str = "lncc",
     levels: int = 3,
-    iterations: int | Sequence[int] = (80, 40, 20),
-    learning_rate: float = 0.3,
+    iterations: int | Sequence[int] = (30, 15, 8),
+    learning_rate: float | Sequence[float] = 0.1,
     optimizer: str = "adam",
     init: str = "moments",
     fixed_mask: Tensor | None = None,
-    max_voxels: int | None = 32_768,
+    max_voxels: int | None = 8192,
     kernel_size: int = 5,
     bins: int = 32,
     min_size: int = 8,
@@ -340,7 +349,8 @@ def affine_register(
     """Affine or rigid registration of ``moving`` to ``fixed`` in physical space -> ``(N+1, N+1)`` float64.
 
     fixed, moving: ``(C, *S)`` or ``(1, C, *S)``, any intensity range, their own grids.
-    fixed_affine, moving_affine: ``(N+1, N+1)`` voxel->world matrices (e.g. ``MetaTensor.affine``, RAS).
+    fixed_affine, moving_affine: ``(N+1, N+1)`` voxel->world matrices (e.g. ``MetaTensor.affine``, RAS); a
+    2D ``(C, H, W)`` image may come with the 4x4 embedding of ``regnet_zoo.data.io`` (T is then 3x3).
     transform: "rigid" or "affine". similarity: "lncc", "ncc", "mi" (multi-modal) or "mse".
     levels / iterations: pyramid levels and optimiser steps per level (coarse to fine; an int for all).
     learning_rate: step size as a fraction of each level's spacing (Adam; L-BFGS uses it as its ``lr`` / 10).
@@ -360,10 +370,14 @@ def affine_register(
     if levels < 1:
         raise RegistrationInputError(f"levels must be >= 1, got {levels}")
     iterations = _per_level(iterations, levels, "iterations")
+    steps = _per_level(learning_rate, levels, "learning_rate", float)
 
     n = int(np.shape(fixed_affine)[-1]) - 1
     if n not in (2, 3):
         raise RegistrationInputError(f"fixed_affine: expected a 3x3 (2D) or 4x4 (3D) matrix, got {n + 1}")
+    if n == 3 and np.ndim(fixed) == 3:  # a 2D (C, H, W) image with the 4x4 embedding of the project's loaders
+        n = 2
+        fixed_affine, moving_affine = _unembed(fixed_affine), _unembed(moving_affine)
     fixed_img = _as_image(fixed, n, "fixed")
     device = fixed_img.device
     moving_img = _as_image(moving, n, "moving").to(device)
@@ -437,7 +451,7 @@ def affine_register(
             inside = (grid.detach().abs() <= 1.0).all(dim=-1)[:, None].float()
             return _similarity(similarity, f_img, warped, weight * inside, kernel_size, bins, stats)
 
-        params = _optimise(loss_fn, params, optimizer, iterations[level], learning_rate * level_spacing)
+        params = _optimise(loss_fn, params, optimizer, iterations[level], steps[level] * level_spacing)
     return _matrix(params.detach(), transform, n, radius, centre)
 
 
