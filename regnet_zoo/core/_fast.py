@@ -137,6 +137,17 @@ if numba is not None:
             x += i
         return z, y, x
 
+    @njit(inline="always", cache=True, fastmath=False)
+    def _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest):
+        """Interpolated value from corner rows ``r..`` (flat offsets) of the channel starting at ``ib``."""
+        if nearest:
+            return wz0 * wy0 * wx0 * np.float64(img[np.uint64(ib + r00 + x0)])
+        a00 = wx0 * img[np.uint64(ib + r00 + x0)] + wx1 * img[np.uint64(ib + r00 + x1)]
+        a01 = wx0 * img[np.uint64(ib + r01 + x0)] + wx1 * img[np.uint64(ib + r01 + x1)]
+        a10 = wx0 * img[np.uint64(ib + r10 + x0)] + wx1 * img[np.uint64(ib + r10 + x1)]
+        a11 = wx0 * img[np.uint64(ib + r11 + x0)] + wx1 * img[np.uint64(ib + r11 + x1)]
+        return wz0 * (wy0 * a00 + wy1 * a01) + wz1 * (wy0 * a10 + wy1 * a11)
+
     @_pjit
     def _forward(img, pts, out, ishape, pshape, oshape, relative, residual, zeros, nearest):
         bi_n, nc, sd, sh, sw = ishape
@@ -158,19 +169,16 @@ if numba is not None:
                 x0, x1, wx0, wx1, _e, _f = _axis(x, sw, zeros, nearest)
                 r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
                 r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
-                for c in range(nc):
-                    ib = (bi * nc + c) * vs
-                    if nearest:
-                        v = wz0 * wy0 * wx0 * img[np.uint64(ib + r00 + x0)]
-                    else:
-                        a00 = wx0 * img[np.uint64(ib + r00 + x0)] + wx1 * img[np.uint64(ib + r00 + x1)]
-                        a01 = wx0 * img[np.uint64(ib + r01 + x0)] + wx1 * img[np.uint64(ib + r01 + x1)]
-                        a10 = wx0 * img[np.uint64(ib + r10 + x0)] + wx1 * img[np.uint64(ib + r10 + x1)]
-                        a11 = wx0 * img[np.uint64(ib + r11 + x0)] + wx1 * img[np.uint64(ib + r11 + x1)]
-                        v = wz0 * (wy0 * a00 + wy1 * a01) + wz1 * (wy0 * a10 + wy1 * a11)
-                    if residual:
-                        v += pts[np.uint64(pbase + c * vt + i)]
-                    out[np.uint64(obase + c * vt + i)] = v
+                if nc == 1:  # a separate single-channel path: the generic channel loop is ~3x slower
+                    v = _lerp(img, bi * vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+                    out[np.uint64(obase + i)] = v
+                else:
+                    for c in range(nc):
+                        ib = (bi * nc + c) * vs
+                        v = _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+                        if residual:
+                            v += pts[np.uint64(pbase + c * vt + i)]
+                        out[np.uint64(obase + c * vt + i)] = v
 
     @_pjit
     def _backward(img, pts, gout, gimg, gpts, ishape, pshape, oshape, relative, zeros, nearest, need_img,
