@@ -180,6 +180,51 @@ if numba is not None:
                             v += pts[np.uint64(pbase + c * vt + i)]
                         out[np.uint64(obase + c * vt + i)] = v
 
+    @njit(inline="always", cache=True, fastmath=False)
+    def _backward_channel(img, g, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, dz0, dz1,
+                          dy0, dy1, dx0, dx1, nearest, need_img, need_pts):  # fmt: skip
+        """One channel of one voxel: scatter ``go`` into ``g``; return its (z, y, x) coordinate gradient."""
+        gz = 0.0
+        gy = 0.0
+        gx = 0.0
+        if need_img:
+            if nearest:
+                g[np.uint64(ib + r00 + x0)] += wz0 * wy0 * wx0 * go
+            else:
+                q = go * wz0 * wy0
+                g[np.uint64(ib + r00 + x0)] += q * wx0
+                g[np.uint64(ib + r00 + x1)] += q * wx1
+                q = go * wz0 * wy1
+                g[np.uint64(ib + r01 + x0)] += q * wx0
+                g[np.uint64(ib + r01 + x1)] += q * wx1
+                q = go * wz1 * wy0
+                g[np.uint64(ib + r10 + x0)] += q * wx0
+                g[np.uint64(ib + r10 + x1)] += q * wx1
+                q = go * wz1 * wy1
+                g[np.uint64(ib + r11 + x0)] += q * wx0
+                g[np.uint64(ib + r11 + x1)] += q * wx1
+        if need_pts and not nearest:
+            v000 = np.float64(img[np.uint64(ib + r00 + x0)])
+            v001 = np.float64(img[np.uint64(ib + r00 + x1)])
+            v010 = np.float64(img[np.uint64(ib + r01 + x0)])
+            v011 = np.float64(img[np.uint64(ib + r01 + x1)])
+            v100 = np.float64(img[np.uint64(ib + r10 + x0)])
+            v101 = np.float64(img[np.uint64(ib + r10 + x1)])
+            v110 = np.float64(img[np.uint64(ib + r11 + x0)])
+            v111 = np.float64(img[np.uint64(ib + r11 + x1)])
+            a00 = wx0 * v000 + wx1 * v001
+            a01 = wx0 * v010 + wx1 * v011
+            a10 = wx0 * v100 + wx1 * v101
+            a11 = wx0 * v110 + wx1 * v111
+            gz = go * (dz0 * (wy0 * a00 + wy1 * a01) + dz1 * (wy0 * a10 + wy1 * a11))
+            gy = go * (wz0 * (dy0 * a00 + dy1 * a01) + wz1 * (dy0 * a10 + dy1 * a11))
+            e00 = dx0 * v000 + dx1 * v001
+            e01 = dx0 * v010 + dx1 * v011
+            e10 = dx0 * v100 + dx1 * v101
+            e11 = dx0 * v110 + dx1 * v111
+            gx = go * (wz0 * (wy0 * e00 + wy1 * e01) + wz1 * (wy0 * e10 + wy1 * e11))
+        return gz, gy, gx
+
     @_pjit
     def _backward(img, pts, gout, gimg, gpts, ishape, pshape, oshape, relative, zeros, nearest, need_img,
                   need_pts):  # fmt: skip
@@ -208,48 +253,26 @@ if numba is not None:
                     x0, x1, wx0, wx1, dx0, dx1 = _axis(x, sw, zeros, nearest)
                     r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
                     r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
-                    gz = 0.0
-                    gy = 0.0
-                    gx = 0.0
-                    for c in range(nc):
-                        go = np.float64(gout[np.uint64(obase + c * vt + i)])
-                        ib = (bi * nc + c) * vs
-                        if need_img:
-                            if nearest:
-                                g[np.uint64(ib + r00 + x0)] += wz0 * wy0 * wx0 * go
-                            else:
-                                q = go * wz0 * wy0
-                                g[np.uint64(ib + r00 + x0)] += q * wx0
-                                g[np.uint64(ib + r00 + x1)] += q * wx1
-                                q = go * wz0 * wy1
-                                g[np.uint64(ib + r01 + x0)] += q * wx0
-                                g[np.uint64(ib + r01 + x1)] += q * wx1
-                                q = go * wz1 * wy0
-                                g[np.uint64(ib + r10 + x0)] += q * wx0
-                                g[np.uint64(ib + r10 + x1)] += q * wx1
-                                q = go * wz1 * wy1
-                                g[np.uint64(ib + r11 + x0)] += q * wx0
-                                g[np.uint64(ib + r11 + x1)] += q * wx1
-                        if need_pts and not nearest:
-                            v000 = np.float64(img[np.uint64(ib + r00 + x0)])
-                            v001 = np.float64(img[np.uint64(ib + r00 + x1)])
-                            v010 = np.float64(img[np.uint64(ib + r01 + x0)])
-                            v011 = np.float64(img[np.uint64(ib + r01 + x1)])
-                            v100 = np.float64(img[np.uint64(ib + r10 + x0)])
-                            v101 = np.float64(img[np.uint64(ib + r10 + x1)])
-                            v110 = np.float64(img[np.uint64(ib + r11 + x0)])
-                            v111 = np.float64(img[np.uint64(ib + r11 + x1)])
-                            a00 = wx0 * v000 + wx1 * v001
-                            a01 = wx0 * v010 + wx1 * v011
-                            a10 = wx0 * v100 + wx1 * v101
-                            a11 = wx0 * v110 + wx1 * v111
-                            gz += go * (dz0 * (wy0 * a00 + wy1 * a01) + dz1 * (wy0 * a10 + wy1 * a11))
-                            gy += go * (wz0 * (dy0 * a00 + dy1 * a01) + wz1 * (dy0 * a10 + dy1 * a11))
-                            e00 = dx0 * v000 + dx1 * v001
-                            e01 = dx0 * v010 + dx1 * v011
-                            e10 = dx0 * v100 + dx1 * v101
-                            e11 = dx0 * v110 + dx1 * v111
-                            gx += go * (wz0 * (wy0 * e00 + wy1 * e01) + wz1 * (wy0 * e10 + wy1 * e11))
+                    if nc == 1:  # separate single-channel path, as in _forward
+                        go = np.float64(gout[np.uint64(obase + i)])
+                        gz, gy, gx = _backward_channel(
+                            img, g, bi * vs, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
+                            dz0, dz1, dy0, dy1, dx0, dx1, nearest, need_img, need_pts,
+                        )  # fmt: skip
+                    else:
+                        gz = 0.0
+                        gy = 0.0
+                        gx = 0.0
+                        for c in range(nc):
+                            go = np.float64(gout[np.uint64(obase + c * vt + i)])
+                            ib = (bi * nc + c) * vs
+                            cz, cy, cx = _backward_channel(
+                                img, g, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
+                                dz0, dz1, dy0, dy1, dx0, dx1, nearest, need_img, need_pts,
+                            )  # fmt: skip
+                            gz += cz
+                            gy += cy
+                            gx += cx
                     if need_pts:
                         if nd == 3:
                             gpts[np.uint64(gbase + i)] = gz
