@@ -27,6 +27,11 @@ from torch import Tensor
 try:  # optional: without numba every call falls back to plain torch
     import numba
     from numba import njit, prange
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        # workqueue is fork-safe (data-loader workers may warp after the parent did); it is not safe for
+        # concurrent launches from several threads, which _LOCK serialises
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
@@ -161,24 +166,22 @@ if numba is not None:
             bi = b if bi_n > 1 else 0
             bp = b if bp_n > 1 else 0
             pbase = bp * nd * vt + (k * th + j) * tw
-            obase = b * nc * vt + (k * th + j) * tw
-            for i in range(tw):
-                z, y, x = _coords(pts, pbase + i, vt, nd, k, j, i, relative)
-                z0, z1, wz0, wz1, _a, _b = _axis(z, sd, zeros, nearest)
-                y0, y1, wy0, wy1, _c, _d = _axis(y, sh, zeros, nearest)
-                x0, x1, wx0, wx1, _e, _f = _axis(x, sw, zeros, nearest)
-                r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
-                r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
-                if nc == 1:  # a separate single-channel path: the generic channel loop is ~3x slower
-                    v = _lerp(img, bi * vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+            # channels outside the voxel loop (weights recomputed per channel): a channel loop inside the
+            # voxel loop made the whole kernel ~3x slower, even for one channel
+            for c in range(nc):
+                ib = (bi * nc + c) * vs
+                obase = (b * nc + c) * vt + (k * th + j) * tw
+                for i in range(tw):
+                    z, y, x = _coords(pts, pbase + i, vt, nd, k, j, i, relative)
+                    z0, z1, wz0, wz1, _a, _b = _axis(z, sd, zeros, nearest)
+                    y0, y1, wy0, wy1, _c, _d = _axis(y, sh, zeros, nearest)
+                    x0, x1, wx0, wx1, _e, _f = _axis(x, sw, zeros, nearest)
+                    r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
+                    r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
+                    v = _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+                    if residual:
+                        v += pts[np.uint64(pbase + c * vt + i)]
                     out[np.uint64(obase + i)] = v
-                else:
-                    for c in range(nc):
-                        ib = (bi * nc + c) * vs
-                        v = _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
-                        if residual:
-                            v += pts[np.uint64(pbase + c * vt + i)]
-                        out[np.uint64(obase + c * vt + i)] = v
 
     @njit(inline="always", cache=True, fastmath=False)
     def _backward_channel(img, g, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, dz0, dz1,
@@ -244,43 +247,38 @@ if numba is not None:
                 bi = b if bi_n > 1 else 0
                 bp = b if bp_n > 1 else 0
                 pbase = bp * nd * vt + (k * th + j) * tw
-                obase = b * nc * vt + (k * th + j) * tw
                 gbase = b * nd * vt + (k * th + j) * tw
-                for i in range(tw):
-                    z, y, x = _coords(pts, pbase + i, vt, nd, k, j, i, relative)
-                    z0, z1, wz0, wz1, dz0, dz1 = _axis(z, sd, zeros, nearest)
-                    y0, y1, wy0, wy1, dy0, dy1 = _axis(y, sh, zeros, nearest)
-                    x0, x1, wx0, wx1, dx0, dx1 = _axis(x, sw, zeros, nearest)
-                    r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
-                    r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
-                    if nc == 1:  # separate single-channel path, as in _forward
+                for c in range(nc):  # channels outside the voxel loop, as in _forward
+                    ib = (bi * nc + c) * vs
+                    obase = (b * nc + c) * vt + (k * th + j) * tw
+                    for i in range(tw):
+                        z, y, x = _coords(pts, pbase + i, vt, nd, k, j, i, relative)
+                        z0, z1, wz0, wz1, dz0, dz1 = _axis(z, sd, zeros, nearest)
+                        y0, y1, wy0, wy1, dy0, dy1 = _axis(y, sh, zeros, nearest)
+                        x0, x1, wx0, wx1, dx0, dx1 = _axis(x, sw, zeros, nearest)
+                        r00, r01 = z0 * shw + y0 * sw, z0 * shw + y1 * sw
+                        r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
                         go = np.float64(gout[np.uint64(obase + i)])
                         gz, gy, gx = _backward_channel(
-                            img, g, bi * vs, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
+                            img, g, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
                             dz0, dz1, dy0, dy1, dx0, dx1, nearest, need_img, need_pts,
                         )  # fmt: skip
-                    else:
-                        gz = 0.0
-                        gy = 0.0
-                        gx = 0.0
-                        for c in range(nc):
-                            go = np.float64(gout[np.uint64(obase + c * vt + i)])
-                            ib = (bi * nc + c) * vs
-                            cz, cy, cx = _backward_channel(
-                                img, g, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
-                                dz0, dz1, dy0, dy1, dx0, dx1, nearest, need_img, need_pts,
-                            )  # fmt: skip
-                            gz += cz
-                            gy += cy
-                            gx += cx
-                    if need_pts:
-                        if nd == 3:
-                            gpts[np.uint64(gbase + i)] = gz
-                            gpts[np.uint64(gbase + vt + i)] = gy
-                            gpts[np.uint64(gbase + 2 * vt + i)] = gx
-                        else:
-                            gpts[np.uint64(gbase + i)] = gy
-                            gpts[np.uint64(gbase + vt + i)] = gx
+                        if need_pts:
+                            if c > 0:  # sum over channels (written by channel 0)
+                                if nd == 3:
+                                    gz += gpts[np.uint64(gbase + i)]
+                                    gy += gpts[np.uint64(gbase + vt + i)]
+                                    gx += gpts[np.uint64(gbase + 2 * vt + i)]
+                                else:
+                                    gy += gpts[np.uint64(gbase + i)]
+                                    gx += gpts[np.uint64(gbase + vt + i)]
+                            if nd == 3:
+                                gpts[np.uint64(gbase + i)] = gz
+                                gpts[np.uint64(gbase + vt + i)] = gy
+                                gpts[np.uint64(gbase + 2 * vt + i)] = gx
+                            else:
+                                gpts[np.uint64(gbase + i)] = gy
+                                gpts[np.uint64(gbase + vt + i)] = gx
 
 
 def _shape5(t: Tensor) -> tuple[int, int, int, int, int]:

@@ -9,6 +9,8 @@ Interpolation modes:
 
 - ``"linear"``: (bi/tri)linear, ``torch.nn.functional.grid_sample``;
 - ``"nearest"``: ``grid_sample`` nearest (ties round half to even);
+- linear and nearest on CPU float32/float64 tensors run numba kernels (``core._fast``) with the same numbers
+  and gradients, without building a coordinate grid; ``REGNET_ZOO_FAST=0`` (or no numba) uses ``grid_sample``;
 - ``"cubic"``: cubic **B-spline interpolation** in 2D and 3D alike (the same as ITK/SimpleITK ``sitkBSpline``
   of order 3): the image is first prefiltered to B-spline coefficients with the exact inverse of the sampled
   cubic B-spline under mirror boundary conditions, and the spline is then evaluated with ``2**N`` linear
