@@ -222,3 +222,34 @@ def test_gpu_reference_path_matches_cpu(shape):
     out, (g,) = _grads(lambda v: scaling_and_squaring(v, 7), ddf)
     out_gpu, (h,) = _grads(lambda v: scaling_and_squaring(v, 7), ddf.cuda())
     assert _rel(out_gpu.cpu(), out) <= 1e-10 and _rel(h.cpu(), g) <= 1e-10
+
+
+def _warp_sum(image, ddf, queue):
+    queue.put(float(warp_image(image, ddf).sum()))
+
+
+@needs_numba
+def test_threads_and_forked_workers_after_use():
+    """Concurrent calls from threads (serialised launches) and a forked worker (data loaders) both work."""
+    import multiprocessing
+    import threading
+
+    image, ddf = _smooth((16, 16, 16), 1, 1.0, 16), _smooth((16, 16, 16), 3, 3.0, 17)
+    expected = float(_reference(warp_image, image, ddf).sum())
+    results = []
+
+    def work():
+        results.append(float(warp_image(image, ddf).sum()))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == pytest.approx([expected] * 4, rel=1e-5)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    worker = context.Process(target=_warp_sum, args=(image, ddf, queue))
+    worker.start()
+    worker.join(60)
+    assert worker.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected, rel=1e-5)
