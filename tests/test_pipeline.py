@@ -258,3 +258,23 @@ def test_pre_aligned_network_input_is_the_same_through_bundle_transforms_and_reg
     assert not np.allclose(result.affine, np.eye(4), atol=1e-3)  # the stage did something
     torch.testing.assert_close(fixed_in, expected["fixed"].as_tensor()[None], atol=1e-6, rtol=0)
     torch.testing.assert_close(moving_in, expected["moving"].as_tensor()[None], atol=1e-5, rtol=0)
+
+
+def test_working_grid_resize_is_antialiased_corner_aligned_linear():
+    """``resize_image`` == scipy: Gaussian (sigma (f - 1) / 2 on shrinking axes, nearest border) then linear
+    interpolation at the corner-aligned positions ``j (n - 1) / (m - 1)``."""
+    from scipy import ndimage
+
+    from regnet_zoo.data.preprocess import resize_image
+
+    image = torch.rand(1, 1, 40, 17, 12, dtype=torch.float64)
+    size = (19, 30, 12)
+    smoothed = image[0, 0].numpy()
+    for axis, (old, new) in enumerate(zip(image.shape[2:], size, strict=True)):
+        sigma = ((old - 1) / (new - 1) - 1) / 2
+        if sigma > 0.1:
+            smoothed = ndimage.gaussian_filter1d(smoothed, sigma, axis=axis, mode="nearest", truncate=3.0)
+    axes = [np.arange(m) * (n - 1) / (m - 1) for n, m in zip(image.shape[2:], size, strict=True)]
+    coords = np.stack(np.meshgrid(*axes, indexing="ij"))
+    expected = ndimage.map_coordinates(smoothed, coords, order=1, mode="nearest")
+    np.testing.assert_allclose(resize_image(image, size)[0, 0].numpy(), expected, atol=1e-5)  # float32
