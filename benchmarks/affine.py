@@ -33,6 +33,7 @@ import torch
 
 from regnet_zoo.baselines import sitk_affine
 from regnet_zoo.core.affine import affine_register, resample_affine
+from regnet_zoo.core.geometry import affine_of, from_4x4, spacing_from_affine
 from regnet_zoo.core.metrics import dice_per_label
 from regnet_zoo.core.spatial import identity_grid, sample_image
 from regnet_zoo.data.io import load_image, load_label
@@ -44,15 +45,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 def _affine(image: torch.Tensor) -> np.ndarray:
     """The ``(N+1, N+1)`` voxel->RAS matrix of a loaded image (2D images carry a 4x4 embedding)."""
-    a = np.asarray(image.affine, dtype=np.float64)
-    n = image.ndim - 1
-    keep = list(range(n)) + [3]
-    return a[np.ix_(keep, keep)]
+    return from_4x4(affine_of(image), image.ndim - 1)
 
 
 def _spacing(affine: np.ndarray) -> np.ndarray:
-    n = affine.shape[0] - 1
-    return np.linalg.norm(affine[:n, :n], axis=0)
+    return np.asarray(spacing_from_affine(affine, affine.shape[0] - 1))
 
 
 def _voxel_coords(shape, vox: np.ndarray, ddf: torch.Tensor | None = None) -> torch.Tensor:

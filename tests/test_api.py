@@ -8,7 +8,6 @@ here through each packaged bundle's ``train.yaml`` (one iteration on a small pha
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import nibabel as nib
@@ -17,6 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
+from sitk_images import rotation, sitk_array, smooth_blobs, write_sitk  # noqa: F401
 from torch import nn
 
 import regnet_zoo
@@ -41,41 +41,6 @@ PACKAGED = [m for m in METHODS if (regnet_zoo.project_root() / "bundles" / m / "
 # ----------------------------------------------------------------------------------------------------------
 # helpers: images with ITK geometry (array axis i = ITK index i)
 # ----------------------------------------------------------------------------------------------------------
-def rotation(spatial_dims: int, angle: float) -> list[float]:
-    c, s = math.cos(angle), math.sin(angle)
-    if spatial_dims == 2:
-        return [c, -s, s, c]
-    return [c, 0.0, s, 0.0, 1.0, 0.0, -s, 0.0, c]  # about ITK's y axis
-
-
-def write_sitk(arr: np.ndarray, path: Path, spacing, origin, angle: float) -> sitk.Image:
-    """Write ``arr`` (array axis i = ITK index i) with the given LPS geometry; return the SimpleITK image."""
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in origin])
-    image.SetDirection(rotation(arr.ndim, angle))
-    sitk.WriteImage(image, str(path))
-    return image
-
-
-def sitk_array(image: sitk.Image) -> np.ndarray:
-    """SimpleITK image -> numpy in ITK index order (scalar) or ``(*S, N)`` (vector)."""
-    arr = sitk.GetArrayFromImage(image)
-    n = image.GetDimension()
-    axes = tuple(range(n - 1, -1, -1)) + ((n,) if image.GetNumberOfComponentsPerPixel() > 1 else ())
-    return np.transpose(arr, axes)
-
-
-def smooth_blobs(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    out = np.full(shape, 0.2)  # non-zero background: shows where the grids overlap
-    for _ in range(5):
-        centre = rng.uniform(-0.6, 0.6, len(shape)).reshape(-1, *[1] * len(shape))
-        out += rng.uniform(0.5, 1.0) * np.exp(-((grid - centre) ** 2).sum(0) / 0.1)
-    return out.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory) -> Path:
     from regnet_zoo.data.phantom import make_phantom_dataset

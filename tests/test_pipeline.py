@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from sitk_images import sitk_array, smooth_blobs, write_sitk
 from torch import nn
 
 import regnet_zoo
@@ -81,36 +82,10 @@ def test_network_input_is_the_same_through_bundle_transforms_and_register(
 # ----------------------------------------------------------------------------------------------------------
 # the affine stage composed with the network
 # ----------------------------------------------------------------------------------------------------------
-def write_image(arr: np.ndarray, path: Path, spacing, origin, angle: float) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in origin])
-    c, s = math.cos(angle), math.sin(angle)
-    image.SetDirection([c, -s, s, c])
-    sitk.WriteImage(image, str(path))
-    return image
-
-
-def blobs(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    out = np.full(shape, 0.2)
-    for _ in range(5):
-        centre = rng.uniform(-0.6, 0.6, len(shape)).reshape(-1, 1, 1)
-        out += rng.uniform(0.5, 1.0) * np.exp(-((grid - centre) ** 2).sum(0) / 0.1)
-    return out.astype(np.float32)
-
-
-def sitk_array(image: sitk.Image) -> np.ndarray:
-    arr = sitk.GetArrayFromImage(image)
-    axes = (1, 0) + ((2,) if image.GetNumberOfComponentsPerPixel() > 1 else ())
-    return np.transpose(arr, axes)
-
-
 @pytest.fixture()
 def oblique_pair(tmp_path):
-    fixed = write_image(blobs((28, 24), 1), tmp_path / "f.nii.gz", (1.5, 1.0), (10.0, -3.0), 0.3)
-    moving = write_image(blobs((30, 26), 2), tmp_path / "m.nii.gz", (1.2, 1.1), (6.0, -8.0), -0.2)
+    fixed = write_sitk(smooth_blobs((28, 24), 1), tmp_path / "f.nii.gz", (1.5, 1.0), (10.0, -3.0), 0.3)
+    moving = write_sitk(smooth_blobs((30, 26), 2), tmp_path / "m.nii.gz", (1.2, 1.1), (6.0, -8.0), -0.2)
     c, s = math.cos(0.15), math.sin(0.15)
     matrix = np.eye(4)  # physical RAS, fixed point -> moving point
     matrix[:2, :2] = [[1.05 * c, -s], [s, 0.95 * c]]

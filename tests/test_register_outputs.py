@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from sitk_images import sitk_array, smooth_blobs, write_sitk
 from torch import nn
 
 from regnet_zoo.api import pipeline
@@ -50,44 +50,18 @@ class SmoothField(nn.Module):
         return {"ddf": scaling_and_squaring(field, 7), "velocity": field.clone(), "warped": moving}
 
 
-def _write(arr: np.ndarray, path: Path, spacing, origin, angle: float, label: bool = False) -> sitk.Image:
-    image = sitk.GetImageFromArray(np.ascontiguousarray(np.transpose(arr)))
-    if label:
-        image = sitk.Cast(image, sitk.sitkInt16)
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetOrigin([float(v) for v in origin])
-    c, s = math.cos(angle), math.sin(angle)
-    image.SetDirection([c, -s, s, c])
-    sitk.WriteImage(image, str(path))
-    return image
-
-
-def _blobs(shape, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    out = np.full(shape, 0.2)
-    for _ in range(5):
-        centre = rng.uniform(-0.6, 0.6, len(shape)).reshape(-1, 1, 1)
-        out += rng.uniform(0.5, 1.0) * np.exp(-((grid - centre) ** 2).sum(0) / 0.1)
-    return out.astype(np.float32)
-
-
-def _array(image: sitk.Image) -> np.ndarray:
-    return np.transpose(sitk.GetArrayFromImage(image))
-
-
 @pytest.fixture()
 def pair(tmp_path):
     """Oblique, anisotropic 2D fixed and moving grids (different), with labels; an affine stage T."""
-    f, m = _blobs((30, 26), 1), _blobs((32, 28), 2)
+    f, m = smooth_blobs((30, 26), 1), smooth_blobs((32, 28), 2)
     files = {
         "fixed": tmp_path / "f.nii.gz", "moving": tmp_path / "m.nii.gz",
         "fixed_label": tmp_path / "fl.nii.gz", "moving_label": tmp_path / "ml.nii.gz",
     }  # fmt: skip
-    _write(f, files["fixed"], (1.5, 1.0), (10.0, -3.0), 0.3)
-    _write(m, files["moving"], (1.2, 1.1), (6.0, -8.0), -0.2)
-    _write((f > 0.6).astype(np.int16), files["fixed_label"], (1.5, 1.0), (10.0, -3.0), 0.3, label=True)
-    _write((m > 0.6).astype(np.int16), files["moving_label"], (1.2, 1.1), (6.0, -8.0), -0.2, label=True)
+    write_sitk(f, files["fixed"], (1.5, 1.0), (10.0, -3.0), 0.3)
+    write_sitk(m, files["moving"], (1.2, 1.1), (6.0, -8.0), -0.2)
+    write_sitk((f > 0.6).astype(np.int16), files["fixed_label"], (1.5, 1.0), (10.0, -3.0), 0.3, label=True)
+    write_sitk((m > 0.6).astype(np.int16), files["moving_label"], (1.2, 1.1), (6.0, -8.0), -0.2, label=True)
     c, s = math.cos(0.1), math.sin(0.1)
     matrix = np.eye(4)  # physical RAS, fixed point -> moving point
     matrix[:2, :2] = [[1.04 * c, -s], [s, 0.97 * c]]
@@ -117,8 +91,8 @@ def test_transform_h5_reproduces_warped_and_reads_back(pair, with_affine, tmp_pa
     transform = sitk.ReadTransform(str(out / "transform.h5"))
     fixed = sitk.ReadImage(str(files["fixed"]))
     moving = sitk.ReadImage(str(files["moving"]), sitk.sitkFloat64)
-    resampled = _array(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
-    warped = _array(sitk.ReadImage(str(out / "warped.nii.gz")))
+    resampled = sitk_array(sitk.Resample(moving, fixed, transform, sitk.sitkLinear, 0.0))
+    warped = sitk_array(sitk.ReadImage(str(out / "warped.nii.gz")))
     assert np.abs(warped).max() > 0.5
     np.testing.assert_allclose(resampled, warped, atol=2e-4)
     # the whole transform is in ddf_itk too; the composite keeps the affine stage apart (ANTs / Slicer)
@@ -131,7 +105,7 @@ def test_transform_h5_reproduces_warped_and_reads_back(pair, with_affine, tmp_pa
     code, err = _run(capsys, "warp", "--moving", files["moving"], "--fixed", files["fixed"],
                      "--ddf", out / "transform.h5", "--out", tmp_path / "w.mha")  # fmt: skip
     assert code == 0, err
-    np.testing.assert_allclose(_array(sitk.ReadImage(str(tmp_path / "w.mha"))), warped, atol=2e-4)
+    np.testing.assert_allclose(sitk_array(sitk.ReadImage(str(tmp_path / "w.mha"))), warped, atol=2e-4)
 
 
 def test_transform_points_command_matches_sitk(pair, tmp_path, monkeypatch, capsys):
@@ -182,8 +156,8 @@ def test_register_inverse(pair, svf, tmp_path, monkeypatch, capsys):
     np.testing.assert_allclose(fixed_warped.GetOrigin(), moving.GetOrigin(), atol=1e-4)
     np.testing.assert_allclose(fixed_warped.GetDirection(), moving.GetDirection(), atol=1e-6)
     expected = sitk.Resample(sitk.Cast(fixed, sitk.sitkFloat64), moving, inverse, sitk.sitkLinear, 0.0)
-    np.testing.assert_allclose(_array(fixed_warped), _array(expected), atol=2e-4)
-    assert np.abs(_array(fixed_warped)).max() > 0.5
+    np.testing.assert_allclose(sitk_array(fixed_warped), sitk_array(expected), atol=2e-4)
+    assert np.abs(sitk_array(fixed_warped)).max() > 0.5
 
 
 def test_register_report_and_format(pair, tmp_path, monkeypatch, capsys):
@@ -264,13 +238,13 @@ def test_3d_tiny_mr_pair_transform_and_inverse(shared_data, tmp_path, monkeypatc
     fixed = sitk.ReadImage(str(fixed_path), sitk.sitkFloat64)
     moving = sitk.ReadImage(str(moving_path), sitk.sitkFloat64)
     forward = sitk.ReadTransform(str(out / "transform.h5"))
-    warped = _array(sitk.ReadImage(str(out / "warped.nrrd")))
-    resampled = _array(sitk.Resample(moving, fixed, forward, sitk.sitkLinear, 0.0))
+    warped = sitk_array(sitk.ReadImage(str(out / "warped.nrrd")))
+    resampled = sitk_array(sitk.Resample(moving, fixed, forward, sitk.sitkLinear, 0.0))
     scale = float(np.abs(warped).max())
     np.testing.assert_allclose(resampled / scale, warped / scale, atol=1e-4)
     inverse = sitk.ReadTransform(str(out / "inverse_transform.h5"))
-    fixed_warped = _array(sitk.ReadImage(str(out / "fixed_warped.nrrd")))
-    expected = _array(sitk.Resample(fixed, moving, inverse, sitk.sitkLinear, 0.0))
+    fixed_warped = sitk_array(sitk.ReadImage(str(out / "fixed_warped.nrrd")))
+    expected = sitk_array(sitk.Resample(fixed, moving, inverse, sitk.sitkLinear, 0.0))
     np.testing.assert_allclose(fixed_warped / scale, expected / scale, atol=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["inverse_method"] == "svf" and metrics["inverse_consistency_p95_mm"] < 0.05

@@ -27,7 +27,7 @@ from monai.data import MetaTensor
 
 from regnet_zoo.core.geometry import affine_from_itk as lps_affine_to_ras
 from regnet_zoo.core.geometry import as_4x4 as _as_4x4
-from regnet_zoo.core.geometry import itk_geometry, lps_to_voxel, voxel_to_lps
+from regnet_zoo.core.geometry import itk_geometry, lps_to_voxel, spacing_from_affine, voxel_to_lps
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -196,7 +196,7 @@ def check_spacing(affine: np.ndarray | torch.Tensor, spatial_dims: int, name: An
     """``RegistrationInputError`` unless every voxel size (column norm of ``affine``) is finite and in
     (``MIN_SPACING``, ``MAX_SPACING``) mm."""
     matrix = np.asarray(affine, dtype=np.float64)[:spatial_dims, :spatial_dims]
-    spacing = np.linalg.norm(matrix, axis=0)
+    spacing = np.asarray(spacing_from_affine(affine, spatial_dims))
     if not np.isfinite(matrix).all() or not ((spacing > MIN_SPACING) & (spacing < MAX_SPACING)).all():
         shown = [float(f"{s:.4g}") for s in spacing]
         raise _fail(name, f"voxel spacing {shown} mm is not usable (finite, positive, below {MAX_SPACING:g})")

@@ -48,14 +48,20 @@ def prepare_registration_batch(
     if not isinstance(batchdata, Mapping) or "fixed" not in batchdata or "moving" not in batchdata:
         keys = list(batchdata) if isinstance(batchdata, Mapping) else type(batchdata).__name__
         raise ValueError(f"a registration batch is a dict with at least 'fixed' and 'moving', got {keys}")
-    batch = {}
-    for key in BATCH_KEYS:
-        value = batchdata.get(key)
-        if isinstance(value, torch.Tensor):
-            if isinstance(value, MetaTensor):
-                value = value.as_tensor()
-            batch[key] = value.to(device=device, non_blocking=non_blocking, **kwargs)
-    return batch
+    return _tensors_to(batchdata, BATCH_KEYS, device, non_blocking, **kwargs)
+
+
+def _tensors_to(
+    batchdata: Mapping[str, Any], keys: Iterable[str], device, non_blocking: bool, **kwargs
+) -> dict[str, torch.Tensor]:
+    """The tensors of ``batchdata`` under ``keys`` (plain tensors, metadata dropped) on ``device``."""
+    return {
+        key: (value.as_tensor() if isinstance(value, MetaTensor) else value).to(
+            device=device, non_blocking=non_blocking, **kwargs
+        )
+        for key in keys
+        if isinstance(value := batchdata.get(key), torch.Tensor)
+    }
 
 
 def prepare_regnet_batch(
@@ -67,13 +73,7 @@ def prepare_regnet_batch(
     """:func:`prepare_registration_batch` plus RegNet's supervision ``ddf_gt`` ``(B, N, *S)`` and
     ``ddf_mask`` ``(B, 1, *S)`` (from ``regnet_zoo.data.regnet_crop.RegNetSyntheticCropd``)."""
     batch = prepare_registration_batch(batchdata, device, non_blocking, **kwargs)
-    for key in ("ddf_gt", "ddf_mask"):
-        value = batchdata.get(key)
-        if isinstance(value, torch.Tensor):
-            if isinstance(value, MetaTensor):
-                value = value.as_tensor()
-            batch[key] = value.to(device=device, non_blocking=non_blocking, **kwargs)
-    return batch
+    return {**batch, **_tensors_to(batchdata, ("ddf_gt", "ddf_mask"), device, non_blocking, **kwargs)}
 
 
 def _detach(outputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
