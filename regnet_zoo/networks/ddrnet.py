@@ -379,8 +379,9 @@ class DDRNet(nn.Module):
         )
         var_g = var_g * scale.to(var_g.device).reshape(1, -1, *([1] * self.spatial_dims))
         log_var = torch.log(0.25 * (var_g + merge_chunks(log_var_c.exp(), layout, weights)))
-        ddf = crop_from_layout(scaling_and_squaring(svf, self.integration_steps), layout)
         velocity, mean, log_var = (crop_from_layout(f, layout) for f in (svf, mean, log_var))
+        # integrated on the input grid (not the padded one): outputs_from_parameters(velocity) is then exact
+        ddf = scaling_and_squaring(velocity, self.integration_steps)
         return ddf, warp_image(moving, ddf), velocity, mean, log_var
 
     def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
