@@ -47,7 +47,7 @@ def instance_optimise(
 ) -> dict[str, Tensor]:
     """Adam on ``network.transform_parameters(outputs)`` minimising the bundle's loss for this pair.
 
-    Coarse to fine (default): most steps on images block-averaged by 4 (then 2), few at full resolution
+    Coarse to fine (default): most steps on images block-averaged by 4 (then 2), a fifth at full resolution
     (:func:`instance_schedule`). Dense parameters (a DDF or SVF ``(B, N, *S)`` on the image grid) are pooled
     to each level (values in level voxels) and the level's update is upsampled and added; coarser
     parameters (control points, coarse displacements) are optimised as they are, their full-resolution field
@@ -107,7 +107,7 @@ def instance_schedule(shape: Sequence[int], steps: int, min_size: int = 16) -> l
     """``[(factor, steps), ...]`` of the coarse-to-fine schedule, coarsest first, steps summing to ``steps``.
 
     The coarsest factor is 4 (2 where a grid pooled by 4 would have an axis under ``min_size`` voxels, 1
-    where even 2 would); a tenth of the steps (at least one) run at full resolution, a quarter at factor 2
+    where even 2 would); a fifth of the steps (at least one) run at full resolution, a quarter at factor 2
     when the coarsest is 4, the rest at the coarsest level. Under 4 steps: all at full resolution.
     """
     factor = 1
@@ -115,7 +115,7 @@ def instance_schedule(shape: Sequence[int], steps: int, min_size: int = 16) -> l
         factor *= 2
     if factor == 1 or steps < 4:
         return [(1, steps)]
-    full = max(1, steps // 10)
+    full = max(1, steps // 5)
     if factor == 2:
         return [(2, steps - full), (1, full)]
     half = max(1, steps // 4)
