@@ -10,8 +10,8 @@ from regnet_zoo.api.instance import instance_optimise, instance_schedule, unsupe
 from regnet_zoo.core.metrics import dice_per_label
 from regnet_zoo.core.spatial import warp_labels
 from regnet_zoo.data.phantom import PhantomTemplate, make_phantom_subject
-from regnet_zoo.networks.bspline_unet import BSplineUNet
 from regnet_zoo.networks.ddrnet import DDRNet
+from regnet_zoo.networks.pwc import PWCRegistrationPyramid
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_schedule_puts_most_steps_on_coarse_grids():
     assert sum(s for _, s in instance_schedule((96, 80), 37)) == 37
 
 
-@pytest.mark.parametrize("network_cls", [DDRNet, BSplineUNet])
+@pytest.mark.parametrize("network_cls", [DDRNet, PWCRegistrationPyramid])
 def test_coarse_to_fine_is_as_accurate_as_the_full_resolution_loop(pair, network_cls):
     torch.manual_seed(0)
     network = network_cls(spatial_dims=2).eval()

@@ -47,11 +47,13 @@ def instance_optimise(
 ) -> dict[str, Tensor]:
     """Adam on ``network.transform_parameters(outputs)`` minimising the bundle's loss for this pair.
 
-    Coarse to fine (default): most steps on images block-averaged by 4 (then 2), a fifth at full resolution
-    (:func:`instance_schedule`). Dense parameters (a DDF or SVF ``(B, N, *S)`` on the image grid) are pooled
-    to each level (values in level voxels) and the level's update is upsampled and added; coarser
-    parameters (control points, coarse displacements) are optimised as they are, their full-resolution field
-    pooled to the level. ``coarse_to_fine=False`` runs every step at full resolution.
+    Coarse to fine (default) for dense parameters (a DDF or SVF ``(B, N, *S)`` on the image grid: PWC,
+    RegNet, DDR-Net): most steps on images block-averaged by 4 (then 2), a fifth at full resolution
+    (:func:`instance_schedule`); the parameters are pooled to each level (values in level voxels) and the
+    level's update is upsampled and added. Parameters on a coarse grid already (B-spline control points,
+    discrete-correlation displacements) are optimised at full resolution: there the pooled levels measured
+    no faster and no more accurate (``benchmarks/speed_methods.py``; :func:`_level_outputs` still supports
+    them). ``coarse_to_fine=False`` runs every step at full resolution.
 
     A loss that cannot work on an unlabelled pair (raises ``ValueError`` / ``KeyError`` for a missing batch
     entry) is replaced by :func:`unsupervised_instance_loss`, with a warning.
@@ -59,7 +61,7 @@ def instance_optimise(
     params = network.transform_parameters(outputs).detach().clone()
     shape = tuple(fixed.shape[2:])
     dense = tuple(params.shape[2:]) == shape
-    schedule = instance_schedule(shape, steps) if coarse_to_fine else [(1, steps)]
+    schedule = instance_schedule(shape, steps) if coarse_to_fine and dense else [(1, steps)]
     for p in network.parameters():
         p.requires_grad_(False)
     state = {"loss_fn": loss_fn, "first": True}
