@@ -5,12 +5,18 @@ full-size velocity integration on one 128x128 pair (~0.80x). Here every variant 
 (batch 1, Adam, the DDR-Net loss: MSE + KL) in a fresh subprocess:
 
 - ``unet_svf``: one U-Net (the same widths) on the full-resolution pair -> SVF -> scaling and squaring;
-- ``ddrnet``: DDR-Net, the chunks batched through the chunk U-Net;
-- ``ddrnet_ckpt``: DDR-Net with gradient checkpointing per chunk position (``checkpoint_chunks=True``).
+- ``ddrnet``: DDR-Net storing every activation (``checkpoint_chunks=False``: chunks batched);
+- ``ddrnet_ckpt``: DDR-Net's memory plan (the default, ``checkpoint_chunks=True``): chunks one at a time,
+  gradient checkpointing around each branch's U-Net, head, integration and warp, around the original
+  scale's merge, integration and warp, and around every loss term.
 
-Memory: on CUDA ``torch.cuda.max_memory_allocated`` during one training iteration or one forward pass without
-autograd (after a warm-up); on CPU the growth of the process's peak resident set (VmHWM) during the first
-one, measured after the model, optimiser and data exist. Each measurement runs in its own process. Usage::
+Memory: the peak of the tensor allocator's live bytes during one training iteration (or one forward pass
+without autograd), after a warm-up iteration, above what is allocated when it starts (model, Adam state,
+data). One tool for every variant: on CPU the allocator events of ``torch.profiler.profile(
+profile_memory=True)`` (each allocation and free with its size, in order: their running sum is the live
+memory; exported with ``export_chrome_trace``, the ``[memory]`` events), on CUDA
+``torch.cuda.max_memory_allocated``. Not the process's resident set, which counts freed pages the allocator
+keeps and the interpreter itself. Each measurement runs in its own process. Usage::
 
     python benchmarks/ddrnet_memory.py [--size 128 128] [--iterations 5] [--device cpu] [--out FILE]
 
@@ -30,11 +36,30 @@ from pathlib import Path
 VARIANTS = ("unet_svf", "ddrnet", "ddrnet_ckpt")
 
 
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+def cpu_allocator_peak_mb(step) -> float:
+    """Peak live tensor memory (MiB) of the CPU allocator while ``step()`` runs, above the live memory when
+    it starts: the running sum of the ``[memory]`` allocation / free events of ``torch.profiler``."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as folder:
+        trace = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text())["traceEvents"]
+    memory = sorted(
+        (e for e in events if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+        key=lambda e: e["ts"],
+    )
+    if not memory:
+        raise RuntimeError("torch.profiler recorded no CPU memory events")
+    live = peak = 0
+    for event in memory:
+        live += int(event["args"]["Bytes"])
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def build(variant: str, spatial_dims: int):
@@ -96,15 +121,16 @@ def measure(variant: str, size: list[int], iterations: int, device: str, phase: 
         optimizer.step()
 
     def infer_step() -> None:
-        with torch.no_grad():
+        with torch.inference_mode():
             net(fixed, moving)
 
     if phase == "infer":
         net.eval()
     step = train_step if phase == "train" else infer_step
 
+    step()  # warm-up (Adam state, cuDNN workspaces)
+    optimizer.zero_grad(set_to_none=True)  # the gradients are freed before the measurement, not during it
     if device.startswith("cuda"):
-        step()  # warm-up (cuDNN workspaces, Adam state)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -112,9 +138,7 @@ def measure(variant: str, size: list[int], iterations: int, device: str, phase: 
         torch.cuda.synchronize()
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        base = _vm_kib("VmRSS")
-        step()
-        peak_mb = (_vm_kib("VmHWM") - base) / 1024
+        peak_mb = cpu_allocator_peak_mb(step)
     times = []
     for _ in range(iterations):
         start = time.perf_counter()

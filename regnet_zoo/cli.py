@@ -482,6 +482,9 @@ _COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status (0 success, 2 bad input or usage)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from regnet_zoo.api.methods import use_all_cores
+
+    use_all_cores()
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from regnet_zoo.core.losses import diffusion_loss, lncc_loss
+from regnet_zoo.core.pyramid import downsample_ddf_to_level, pool_to_grid, upsample_ddf_from_level
+from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "DEFAULT_INSTANCE_OPT_LR",
     "unsupervised_instance_loss",
     "instance_optimise",
+    "instance_schedule",
     "bundle_instance_loss",
 ]
 
@@ -38,38 +43,108 @@ def instance_optimise(
     moving: Tensor,
     steps: int,
     lr: float,
+    coarse_to_fine: bool = True,
 ) -> dict[str, Tensor]:
     """Adam on ``network.transform_parameters(outputs)`` minimising the bundle's loss for this pair.
+
+    Coarse to fine (default) for dense parameters (a DDF or SVF ``(B, N, *S)`` on the image grid: PWC,
+    RegNet, DDR-Net): most steps on images block-averaged by 4 (then 2), a fifth at full resolution
+    (:func:`instance_schedule`); the parameters are pooled to each level (values in level voxels) and the
+    level's update is upsampled and added. Parameters on a coarse grid already (B-spline control points,
+    discrete-correlation displacements) are optimised at full resolution: there the pooled levels measured
+    no faster and no more accurate (``benchmarks/speed_methods.py``; :func:`_level_outputs` still supports
+    them). ``coarse_to_fine=False`` runs every step at full resolution.
 
     A loss that cannot work on an unlabelled pair (raises ``ValueError`` / ``KeyError`` for a missing batch
     entry) is replaced by :func:`unsupervised_instance_loss`, with a warning.
     """
-    params = network.transform_parameters(outputs).detach().clone().requires_grad_(True)
-    optimizer = torch.optim.Adam([params], lr=lr)
-    batch = {"fixed": fixed, "moving": moving}
+    params = network.transform_parameters(outputs).detach().clone()
+    shape = tuple(fixed.shape[2:])
+    dense = tuple(params.shape[2:]) == shape
+    schedule = instance_schedule(shape, steps) if coarse_to_fine and dense else [(1, steps)]
     for p in network.parameters():
         p.requires_grad_(False)
-    for step in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        new_outputs = network.outputs_from_parameters(params, fixed, moving)
-        try:
-            loss = loss_fn(new_outputs, batch)["loss"]
-        except (ValueError, KeyError) as err:
-            if step > 0 or loss_fn is unsupervised_instance_loss:
-                raise
-            warnings.warn(
-                f"instance optimisation: the bundle loss needs more than an image pair ({err}); using "
-                "LNCC + 0.1 * diffusion instead (set instance_opt_loss in the bundle's train.yaml)",
-                stacklevel=3,
-            )
-            loss_fn = unsupervised_instance_loss
-            loss = loss_fn(new_outputs, batch)["loss"]
-        loss.backward()
-        optimizer.step()
+    state = {"loss_fn": loss_fn, "first": True}
+    for factor, level_steps in schedule:
+        if level_steps <= 0:
+            continue
+        fixed_l, moving_l = (pool_to_grid(image, factor) for image in (fixed, moving))
+        start = downsample_ddf_to_level(params, factor) if dense and factor > 1 else params
+        level_params = start.clone().requires_grad_(True)
+        optimizer = torch.optim.Adam([level_params], lr=lr)
+        batch = {"fixed": fixed_l, "moving": moving_l}
+        for _ in range(level_steps):
+            optimizer.zero_grad(set_to_none=True)
+            new_outputs = _level_outputs(network, level_params, fixed_l, moving_l, shape, factor, dense)
+            _loss(state, new_outputs, batch).backward()
+            optimizer.step()
+        level_params = level_params.detach()
+        if dense and factor > 1:
+            params = params + upsample_ddf_from_level(level_params - start, shape, factor)
+        else:
+            params = level_params
     with torch.no_grad():
-        return network.outputs_from_parameters(params.detach(), fixed, moving)
+        return network.outputs_from_parameters(params, fixed, moving)
 
 
+def _loss(state: dict, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> Tensor:
+    """The loss of one step; on the first step a bundle loss that needs labels falls back (with a warning)."""
+    try:
+        loss = state["loss_fn"](outputs, batch)["loss"]
+    except (ValueError, KeyError) as err:
+        if not state["first"] or state["loss_fn"] is unsupervised_instance_loss:
+            raise
+        warnings.warn(
+            f"instance optimisation: the bundle loss needs more than an image pair ({err}); using "
+            "LNCC + 0.1 * diffusion instead (set instance_opt_loss in the bundle's train.yaml)",
+            stacklevel=4,
+        )
+        state["loss_fn"] = unsupervised_instance_loss
+        loss = unsupervised_instance_loss(outputs, batch)["loss"]
+    state["first"] = False
+    return loss
+
+
+def instance_schedule(shape: Sequence[int], steps: int, min_size: int = 16) -> list[tuple[int, int]]:
+    """``[(factor, steps), ...]`` of the coarse-to-fine schedule, coarsest first, steps summing to ``steps``.
+
+    The coarsest factor is 4 (2 where a grid pooled by 4 would have an axis under ``min_size`` voxels, 1
+    where even 2 would); a fifth of the steps (at least one) run at full resolution, a quarter at factor 2
+    when the coarsest is 4, the rest at the coarsest level. Under 4 steps: all at full resolution.
+    """
+    factor = 1
+    while factor < 4 and min(math.ceil(s / (2 * factor)) for s in shape) >= min_size:
+        factor *= 2
+    if factor == 1 or steps < 4:
+        return [(1, steps)]
+    full = max(1, steps // 5)
+    if factor == 2:
+        return [(2, steps - full), (1, full)]
+    half = max(1, steps // 4)
+    return [(4, steps - half - full), (2, half), (1, full)]
+
+
+def _level_outputs(
+    network: nn.Module,
+    params: Tensor,
+    fixed: Tensor,
+    moving: Tensor,
+    shape: tuple[int, ...],
+    factor: int,
+    dense: bool,
+) -> dict[str, Tensor]:
+    """The network's outputs for ``params`` against ``fixed`` / ``moving`` pooled by ``factor``.
+
+    Dense parameters are on the pooled grid already. Coarser ones give their full-resolution (``shape``)
+    field, pooled to the level; only ``ddf`` and ``warped`` are replaced, the other outputs are kept.
+    """
+    if dense or factor == 1:
+        return network.outputs_from_parameters(params, fixed, moving)
+    stub = fixed.new_zeros(fixed.shape[0], 1, *shape)  # only its shape is read: a one-channel warp of zeros
+    outputs = dict(network.outputs_from_parameters(params, stub, stub))
+    ddf = downsample_ddf_to_level(outputs["ddf"], factor)
+    outputs.update(ddf=ddf, warped=warp_image(moving, ddf))
+    return outputs
 
 
 def bundle_instance_loss(method: str, spatial_dims: int, device: torch.device):

@@ -87,8 +87,21 @@ def cached_network(
     name: str, path: str, mtime_ns: int, device: str, spatial_dims: int
 ) -> tuple[nn.Module, dict[str, Any] | None]:
     """:func:`load_network` for :func:`register`, kept across calls (benchmarks register many pairs in one
-    process); ``mtime_ns`` makes retrained weights load afresh."""
-    return load_network(name, path, torch.device(device), spatial_dims)
+    process); ``mtime_ns`` makes retrained weights load afresh. Inference only: batch norm is folded into the
+    convolutions (:func:`regnet_zoo.networks.inference.fold_batch_norm`, the same outputs in eval mode)."""
+    from regnet_zoo.networks.inference import fold_batch_norm
+
+    network, metadata = load_network(name, path, torch.device(device), spatial_dims)
+    return fold_batch_norm(network), metadata
+
+
+def use_all_cores() -> int:
+    """Intra-op threads = every core this process may run on (torch's default counts physical cores only),
+    unless ``OMP_NUM_THREADS`` is set; returns the thread count."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cores or 1)
+    return torch.get_num_threads()
 
 
 def load_method(

@@ -379,7 +379,7 @@ def predict_ddf(
         affine=moving.affine,
     )
     fixed_p, moving_p, crop = network_inputs(fixed_n, moving_on_fixed_grid(fixed, moving_n), prep)
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd bookkeeping (instance optimisation clones what it adjusts)
         outputs = network(fixed_p, moving_p)
     if instance_opt:
         loss_fn, lr = instance_loss

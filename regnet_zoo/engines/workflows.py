@@ -209,7 +209,7 @@ class RegistrationEvaluator(SupervisedEvaluator):
     def _iteration(self, engine: SupervisedEvaluator, batchdata: Mapping[str, Any]) -> dict:
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         engine.state.output = {}
-        with engine.mode(engine.network), torch.no_grad():
+        with engine.mode(engine.network), torch.inference_mode():
             if engine.amp:
                 with torch.autocast(engine.state.device.type, **engine.amp_kwargs):
                     outputs = engine.network(batch["fixed"], batch["moving"])

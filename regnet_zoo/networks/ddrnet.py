@@ -16,6 +16,7 @@ back. Deviations from the paper are listed in ``bundles/ddrnet/README.md``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -247,8 +248,11 @@ class DDRNet(nn.Module):
         chunks_per_axis: chunks along every axis (``k = chunks_per_axis**N``); 2 as in the paper.
         overlap: overlap of neighbouring chunks in full-resolution voxels (even).
         integration_steps: scaling-and-squaring steps.
-        checkpoint_chunks: in training, run the chunk U-Net one chunk position at a time under gradient
-            checkpointing, so that only one chunk's activations are held (trades compute for memory).
+        checkpoint_chunks: the paper's memory plan in training (default): the global branch, each chunk
+            position (U-Net, head, integration, warp) and the original scale (merge, integration, warp) run
+            under gradient checkpointing, one chunk at a time, so only one branch's activations are held at
+            once (about 1.4x the compute); ``DDRNetLoss`` checkpoints its terms likewise. ``False``: the
+            chunks are batched and every activation is stored.
     """
 
     def __init__(
@@ -261,7 +265,7 @@ class DDRNet(nn.Module):
         chunks_per_axis: int = 2,
         overlap: int = 8,
         integration_steps: int = 7,
-        checkpoint_chunks: bool = False,
+        checkpoint_chunks: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -278,8 +282,9 @@ class DDRNet(nn.Module):
             decoder_channels=decoder_channels,
             extra_channels=extra_channels,
         )
-        self.global_unet = RegistrationUNet(spatial_dims, 2 * in_channels, **widths)
-        self.chunk_unet = RegistrationUNet(spatial_dims, 2 * in_channels, **widths)
+        # no padding to a multiple of 16: chunks (n/2 + overlap/2) and the half-size grid are run as they are
+        self.global_unet = RegistrationUNet(spatial_dims, 2 * in_channels, **widths, pad_input=False)
+        self.chunk_unet = RegistrationUNet(spatial_dims, 2 * in_channels, **widths, pad_input=False)
         self.global_head = VelocityHead(spatial_dims, self.global_unet.out_channels)
         self.chunk_head = VelocityHead(spatial_dims, self.chunk_unet.out_channels)
 
@@ -287,59 +292,72 @@ class DDRNet(nn.Module):
         """The chunk layout used for inputs of spatial ``size``."""
         return chunk_layout(size, self.chunks_per_axis, self.overlap)
 
-    def _sample(self, mean: Tensor, log_var: Tensor) -> Tensor:
+    def _sample(self, mean: Tensor, log_var: Tensor, noise: Tensor | None = None) -> Tensor:
         if not self.training:
             return mean
-        return mean + torch.exp(0.5 * log_var) * torch.randn_like(mean)
+        noise = torch.randn_like(mean) if noise is None else noise
+        return mean + torch.exp(0.5 * log_var) * noise
 
-    def _chunk_svf(self, pairs: Tensor, batch: int) -> tuple[Tensor, Tensor]:
-        """Mean and log-variance of every chunk's SVF; ``pairs`` ``(B * k, 2C, *chunk)``, batch-major."""
+    def _checkpointed(self, function, *args: Tensor):
+        """``function(*args)``, under gradient checkpointing in memory-saving training (activations are
+        recomputed in the backward pass; the random state is replayed, so samples are identical)."""
+        if self.checkpoint_chunks and torch.is_grad_enabled():
+            return checkpoint(function, *args, use_reentrant=False)
+        return function(*args)
 
-        def run(x: Tensor) -> tuple[Tensor, Tensor]:
-            return self.chunk_head(self.chunk_unet(x))
+    def _branch(
+        self, unet: nn.Module, head: nn.Module, fixed: Tensor, moving: Tensor, noise: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """One branch on ``(B, C, *G)`` images: SVF mean, log-variance, sample, its DDF, the warped moving."""
+        mean, log_var = head(unet(torch.cat([fixed, moving], dim=1)))
+        svf = self._sample(mean, log_var, noise)
+        ddf = scaling_and_squaring(svf, self.integration_steps)
+        return mean, log_var, svf, ddf, warp_image(moving, ddf)
 
-        if self.checkpoint_chunks or not torch.is_grad_enabled():
-            # one chunk position at a time: with checkpointing (training) or without autograd (inference)
-            # only one chunk's activations are alive at once; results are identical to the batched run
-            k = pairs.shape[0] // batch
-            per_position = pairs.reshape(batch, k, *pairs.shape[1:])
-            outs = []
-            for i in range(k):
-                x = per_position[:, i]
-                outs.append(checkpoint(run, x, use_reentrant=False) if torch.is_grad_enabled() else run(x))
-            mean = torch.stack([m for m, _ in outs], dim=1).flatten(0, 1)
-            log_var = torch.stack([v for _, v in outs], dim=1).flatten(0, 1)
-            return mean, log_var
-        return run(pairs)
+    def _global_branch(self, fixed_h: Tensor, moving_h: Tensor) -> tuple[Tensor, ...]:
+        return self._branch(self.global_unet, self.global_head, fixed_h, moving_h, None)
 
-    def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
-        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
-        layout = self.layout(fixed.shape[2:])
-        fixed_p, moving_p = pad_to_layout(fixed, layout), pad_to_layout(moving, layout)
-        batch = fixed.shape[0]
-        out: dict[str, Tensor] = {}
+    def _chunk_branch(self, fixed_c: Tensor, moving_c: Tensor, noise: Tensor | None) -> tuple[Tensor, ...]:
+        return self._branch(self.chunk_unet, self.chunk_head, fixed_c, moving_c, noise)
 
-        # global branch: half resolution
-        fixed_h = downsample_image(fixed_p, layout.half_size)
-        moving_h = downsample_image(moving_p, layout.half_size)
-        mean_g, log_var_g = self.global_head(self.global_unet(torch.cat([fixed_h, moving_h], dim=1)))
-        svf_g = self._sample(mean_g, log_var_g)
-        out["global_ddf"] = scaling_and_squaring(svf_g, self.integration_steps)
-        out["global_warped"] = warp_image(moving_h, out["global_ddf"])
-        out.update(global_fixed=fixed_h, global_velocity=svf_g)
-        out.update(global_velocity_mean=mean_g, global_velocity_log_var=log_var_g)
+    def _chunks(self, fixed_c: Tensor, moving_c: Tensor, batch: int) -> tuple[Tensor, ...]:
+        """The chunk branch on ``(B * k, C, *chunk)`` chunks (batch-major): five ``(B * k, *, *chunk)``.
 
-        # chunk branch: full resolution, k overlapping chunks through one shared U-Net
-        fixed_c, moving_c = split_chunks(fixed_p, layout), split_chunks(moving_p, layout)
-        mean_c, log_var_c = self._chunk_svf(torch.cat([fixed_c, moving_c], dim=1), batch)
-        svf_c = self._sample(mean_c, log_var_c)
-        out["chunk_ddf"] = scaling_and_squaring(svf_c, self.integration_steps)
-        out["chunk_warped"] = warp_image(moving_c, out["chunk_ddf"])
-        out.update(chunk_fixed=fixed_c, chunk_velocity=svf_c)
-        out.update(chunk_velocity_mean=mean_c, chunk_velocity_log_var=log_var_c)
+        In memory-saving training (``checkpoint_chunks``) and without autograd, one chunk position at a time
+        (under checkpointing when training): only one chunk's activations are alive at once; results are
+        identical to the batched run (the sampling noise is drawn for all chunks at once, as there).
+        """
+        noise = None
+        if self.training:
+            shape = (fixed_c.shape[0], self.spatial_dims, *fixed_c.shape[2:])
+            noise = torch.randn(shape, device=fixed_c.device, dtype=fixed_c.dtype)
+        if not (self.checkpoint_chunks or not torch.is_grad_enabled()):
+            return self._chunk_branch(fixed_c, moving_c, noise)
+        k = fixed_c.shape[0] // batch
 
-        # original scale: average of the upsampled global SVF and the merged chunk SVFs
-        weights = chunk_blend_weights(layout, fixed.device, mean_c.dtype)
+        def position(x: Tensor | None, i: int) -> Tensor | None:
+            return None if x is None else x.reshape(batch, k, *x.shape[1:])[:, i]
+
+        outs = [
+            self._checkpointed(self._chunk_branch, *(position(x, i) for x in (fixed_c, moving_c, noise)))
+            for i in range(k)
+        ]
+        return tuple(torch.stack(list(field), dim=1).flatten(0, 1) for field in zip(*outs, strict=True))
+
+    def _original(
+        self,
+        layout: ChunkLayout,
+        moving: Tensor,
+        svf_g: Tensor,
+        svf_c: Tensor,
+        mean_g: Tensor,
+        mean_c: Tensor,
+        log_var_g: Tensor,
+        log_var_c: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Original scale: ``ddf``, ``warped``, ``velocity``, ``velocity_mean``, ``velocity_log_var`` on the
+        input grid from the two branches' fields (average of the upsampled global and the merged chunks)."""
+        weights = chunk_blend_weights(layout, moving.device, mean_c.dtype)
 
         def combine(global_field: Tensor, chunk_field: Tensor) -> Tensor:
             return 0.5 * (
@@ -356,13 +374,35 @@ class DDRNet(nn.Module):
         )
         var_g = var_g * scale.to(var_g.device).reshape(1, -1, *([1] * self.spatial_dims))
         log_var = torch.log(0.25 * (var_g + merge_chunks(log_var_c.exp(), layout, weights)))
-        # integrated on the input grid (not the padded one), as outputs_from_parameters does: the field
-        # then depends on the SVF inside the image only, and instance optimisation reproduces it
-        out["velocity"] = crop_from_layout(svf, layout)
-        out["ddf"] = scaling_and_squaring(out["velocity"], self.integration_steps)
-        out["warped"] = warp_image(moving, out["ddf"])
-        out["velocity_mean"] = crop_from_layout(mean, layout)
-        out["velocity_log_var"] = crop_from_layout(log_var, layout)
+        velocity, mean, log_var = (crop_from_layout(f, layout) for f in (svf, mean, log_var))
+        # integrated on the input grid (not the padded one): outputs_from_parameters(velocity) is then exact
+        ddf = scaling_and_squaring(velocity, self.integration_steps)
+        return ddf, warp_image(moving, ddf), velocity, mean, log_var
+
+    def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
+        fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
+        layout = self.layout(fixed.shape[2:])
+        fixed_p, moving_p = pad_to_layout(fixed, layout), pad_to_layout(moving, layout)
+        out: dict[str, Tensor] = {}
+
+        # global branch: half resolution
+        fixed_h = downsample_image(fixed_p, layout.half_size)
+        moving_h = downsample_image(moving_p, layout.half_size)
+        mean_g, log_var_g, svf_g, ddf_g, warped_g = self._checkpointed(self._global_branch, fixed_h, moving_h)
+        out.update(global_ddf=ddf_g, global_warped=warped_g, global_fixed=fixed_h, global_velocity=svf_g)
+        out.update(global_velocity_mean=mean_g, global_velocity_log_var=log_var_g)
+
+        # chunk branch: full resolution, k overlapping chunks through one shared U-Net
+        fixed_c, moving_c = split_chunks(fixed_p, layout), split_chunks(moving_p, layout)
+        mean_c, log_var_c, svf_c, ddf_c, warped_c = self._chunks(fixed_c, moving_c, fixed.shape[0])
+        out.update(chunk_ddf=ddf_c, chunk_warped=warped_c, chunk_fixed=fixed_c, chunk_velocity=svf_c)
+        out.update(chunk_velocity_mean=mean_c, chunk_velocity_log_var=log_var_c)
+
+        # original scale: average of the upsampled global SVF and the merged chunk SVFs
+        branches = (svf_g, svf_c, mean_g, mean_c, log_var_g, log_var_c)
+        fields = self._checkpointed(functools.partial(self._original, layout), moving, *branches)
+        keys = ("ddf", "warped", "velocity", "velocity_mean", "velocity_log_var")
+        out.update(zip(keys, fields, strict=True))
         return out
 
     def transform_parameters(self, outputs: dict[str, Tensor]) -> Tensor:
@@ -443,6 +483,15 @@ class DDRNetLoss(nn.Module):
             return mse_loss(warped, fixed)
         return lncc_loss(warped, fixed, kernel_size=self.lncc_kernel_size)
 
+    def _level_terms(
+        self, warped: Tensor, target: Tensor, mean: Tensor | None = None, log_var: Tensor | None = None
+    ) -> tuple[Tensor, ...]:
+        """Similarity (and KL when ``mean`` / ``log_var`` are given) of one level."""
+        sim = self._similarity(warped, target)
+        if mean is None:
+            return (sim,)
+        return sim, kl_svf_loss(mean, log_var, self.prior_lambda)
+
     def forward(self, outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
         total = outputs["warped"].new_zeros(())
@@ -450,15 +499,20 @@ class DDRNetLoss(nn.Module):
             if f"{prefix}warped" not in outputs or weight == 0:
                 continue
             target = outputs.get(f"{prefix}fixed", batch["fixed"]) if prefix else batch["fixed"]
-            sim = self._similarity(outputs[f"{prefix}warped"], target)
+            mean = outputs.get(f"{prefix}velocity_mean")
+            log_var = outputs.get(f"{prefix}velocity_log_var")
+            with_kl = mean is not None and log_var is not None
+            args = (outputs[f"{prefix}warped"], target, *((mean, log_var) if with_kl else ()))
+            if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+                # the terms' full-size intermediates are recomputed in the backward pass, not stored
+                sim, *kl = checkpoint(self._level_terms, *args, use_reentrant=False)
+            else:
+                sim, *kl = self._level_terms(*args)
             terms[f"{prefix}similarity"] = sim
             level = self.similarity_weight * sim
-            if f"{prefix}velocity_mean" in outputs and f"{prefix}velocity_log_var" in outputs:
-                kl = kl_svf_loss(
-                    outputs[f"{prefix}velocity_mean"], outputs[f"{prefix}velocity_log_var"], self.prior_lambda
-                )
-                terms[f"{prefix}kl"] = kl
-                level = level + self.kl_weight * kl
+            if with_kl:
+                terms[f"{prefix}kl"] = kl[0]
+                level = level + self.kl_weight * kl[0]
             total = total + weight * level
         if (
             self.dice_weight

@@ -192,9 +192,20 @@ class DeformModule(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            for block in self.blocks:
+                x = torch.cat([block(x), x], dim=1)
+            return self.out(x)
+        # without autograd: one preallocated buffer, each block's output written in front of its input
+        # (the same channel order as the concatenations, without copying the earlier channels again)
+        buffer = x.new_empty(x.shape[0], self.out.in_channels, *x.shape[2:])
+        start = buffer.shape[1] - x.shape[1]
+        buffer[:, start:] = x
         for block in self.blocks:
-            x = torch.cat([block(x), x], dim=1)
-        return self.out(x)
+            y = block(buffer[:, start:])
+            buffer[:, start - y.shape[1] : start] = y
+            start -= y.shape[1]
+        return self.out(buffer)
 
 
 class UpsampleModule(nn.Module):

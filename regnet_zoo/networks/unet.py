@@ -3,7 +3,8 @@
 The encoder halves the resolution ``len(encoder_channels)`` times with stride-2 convolutions; the decoder
 upsamples back with skip connections and ends with ``extra_channels`` full-resolution convolutions. Inputs
 whose size is not a multiple of ``2**len(encoder_channels)`` are zero-padded internally and the output is
-cropped back, so the output always has the input's spatial size.
+cropped back (or, with ``pad_input=False``, processed as they are: odd sizes round up at each stride-2
+level and the decoder interpolates to each skip's size), so the output always has the input's spatial size.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ class RegistrationUNet(nn.Module):
         encoder_channels: channels of each stride-2 encoder level (its length = number of downsamplings).
         decoder_channels: channels of each decoder level, finest last; same length as ``encoder_channels``.
         extra_channels: channels of the extra full-resolution convolutions after the decoder.
+        pad_input: zero-pad the input to a multiple of ``2**len(encoder_channels)`` (exact halving at
+            every level); ``False`` runs on the input's own size (no padded voxels to compute).
     """
 
     def __init__(
@@ -44,6 +47,7 @@ class RegistrationUNet(nn.Module):
         encoder_channels: Sequence[int] = (16, 32, 32, 32),
         decoder_channels: Sequence[int] = (32, 32, 32, 32),
         extra_channels: Sequence[int] = (16, 16),
+        pad_input: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -52,6 +56,7 @@ class RegistrationUNet(nn.Module):
             raise ValueError("decoder_channels must have one entry per encoder level")
         self.spatial_dims = spatial_dims
         self.levels = len(encoder_channels)
+        self.pad_input = pad_input
         self.encoder = nn.ModuleList()
         skips = [in_channels]  # channels available at each resolution, finest first
         channels = in_channels
@@ -71,7 +76,7 @@ class RegistrationUNet(nn.Module):
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, crop = pad_to_multiple(x, 2**self.levels)
+        x, crop = pad_to_multiple(x, 2**self.levels if self.pad_input else 1)
         features = [x]
         for block in self.encoder:
             features.append(block(features[-1]))

@@ -1,0 +1,59 @@
+"""Coarse-to-fine instance optimisation vs the full-resolution loop at equal steps (2D phantom pair)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from regnet_zoo.api.instance import instance_optimise, instance_schedule, unsupervised_instance_loss
+from regnet_zoo.core.metrics import dice_per_label
+from regnet_zoo.core.spatial import warp_labels
+from regnet_zoo.data.phantom import PhantomTemplate, make_phantom_subject
+from regnet_zoo.networks.ddrnet import DDRNet
+from regnet_zoo.networks.pwc import PWCRegistrationPyramid
+
+
+@pytest.fixture(scope="module")
+def pair():
+    template = PhantomTemplate((64, 64), seed=0)
+    out = {}
+    for role, seed in (("fixed", 1), ("moving", 2)):
+        subject = make_phantom_subject(template, seed)
+        out[role] = torch.as_tensor(np.asarray(subject["image"]))[None].float()
+        out[f"{role}_label"] = torch.as_tensor(np.asarray(subject["label"]))[None]
+    return out
+
+
+def _scores(outputs, pair) -> tuple[float, float]:
+    mse = float(((outputs["warped"] - pair["fixed"]) ** 2).mean())
+    warped = warp_labels(pair["moving_label"], outputs["ddf"])
+    dice = dice_per_label(pair["fixed_label"][0, 0].numpy(), warped[0, 0].numpy())
+    return mse, float(np.nanmean(list(dice.values())))
+
+
+def test_schedule_puts_most_steps_on_coarse_grids():
+    assert instance_schedule((160, 192, 224), 100) == [(4, 55), (2, 25), (1, 20)]
+    assert instance_schedule((48, 48), 20) == [(2, 16), (1, 4)]
+    assert instance_schedule((20, 20), 20) == [(1, 20)]
+    assert instance_schedule((160, 192, 224), 3) == [(1, 3)]
+    assert sum(s for _, s in instance_schedule((96, 80), 37)) == 37
+
+
+@pytest.mark.parametrize("network_cls", [DDRNet, PWCRegistrationPyramid])
+def test_coarse_to_fine_is_as_accurate_as_the_full_resolution_loop(pair, network_cls):
+    torch.manual_seed(0)
+    network = network_cls(spatial_dims=2).eval()
+    with torch.no_grad():
+        outputs = network(pair["fixed"], pair["moving"])
+    start_mse, start_dice = _scores(outputs, pair)
+    results = {}
+    for c2f in (False, True):
+        tuned = instance_optimise(
+            network, unsupervised_instance_loss, outputs, pair["fixed"], pair["moving"], 40, 0.1, c2f
+        )
+        results[c2f] = _scores(tuned, pair)
+    (full_mse, full_dice), (c2f_mse, c2f_dice) = results[False], results[True]
+    assert full_mse < 0.9 * start_mse and c2f_mse < 0.9 * start_mse
+    assert c2f_mse <= 1.05 * full_mse, results
+    assert c2f_dice >= full_dice - 0.01, results
