@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test install install-test lint clean-venv
+.PHONY: demo compare test install install-test lint clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,11 @@ install-test: $(VENV)/.installed-test
 DEMO_OUT ?= results/demo
 
 # the side-by-side comparison of every method and the classic baselines on the built-in 2D phantoms
+# (no weights ship yet: README "Shipped weights"; benchmarks/zoo_eval.py registers real pairs with weights you trained)
 demo: $(VENV)/.installed
 	MPLBACKEND=Agg $(PY) benchmarks/compare.py --dataset builtin --quick --out $(DEMO_OUT)
+
+compare: demo
 
 test: $(VENV)/.installed-test
 	# pytest exit 5 means "no tests collected": report it instead of failing obscurely

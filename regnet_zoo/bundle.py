@@ -254,8 +254,9 @@ def load_bundle_weights(
     spatial_dims: int | None = None,
     **overrides: Any,
 ) -> tuple[nn.Module, dict[str, Any] | None]:
-    """(trained network in eval mode, its metadata or None) from a weights file (default
-    ``<bundle_home>/models/model.pt``).
+    """(trained network in eval mode, its metadata or None) from a weights file (default: the bundle's own
+    ``<bundle_home>/models/model.pt``, else the shipped weights:
+    :func:`regnet_zoo.pretrained.default_weights`).
 
     Self-describing weights (:mod:`regnet_zoo.weights`) rebuild the recorded network (class and arguments)
     and are checked against ``name`` and ``spatial_dims`` (``RegistrationInputError``); ``network_def#...``
@@ -267,9 +268,10 @@ def load_bundle_weights(
     import warnings
 
     from regnet_zoo.errors import RegistrationInputError
+    from regnet_zoo.pretrained import default_weights
     from regnet_zoo.weights import build_network, check_weights_fit, read_weights
 
-    path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
+    path = Path(weights) if weights is not None else default_weights(name, spatial_dims)
     if not path.is_file():
         raise FileNotFoundError(
             f"weights {path} not found; train first: regnet-zoo train {name} (or python -m monai.bundle run "

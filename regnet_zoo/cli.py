@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--moving-label", help="moving label map (integers), warped by nearest neighbour")
     reg.add_argument("--fixed-landmarks", help="fixed landmark CSV (see below)")
     reg.add_argument("--moving-landmarks", help="moving landmark CSV, rows corresponding to the fixed ones")
-    reg.add_argument("--weights", help="trained weights (default: bundles/<method>/models/model.pt)")
+    reg.add_argument(
+        "--weights",
+        help="trained weights (default: the bundle's models/model.pt, else the shipped ones)",
+    )
     reg.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     reg.add_argument(
         "--instance-opt",

@@ -50,12 +50,14 @@ def packaged_methods() -> list[str]:
     return found
 
 
-def weights_path(name: str, weights: str | os.PathLike | None) -> Path:
-    from regnet_zoo import bundle_home
+def weights_path(name: str, weights: str | os.PathLike | None, spatial_dims: int | None = None) -> Path:
+    """``weights``, else the default of :func:`regnet_zoo.pretrained.default_weights` (the bundle's own
+    ``models/model.pt``, else the shipped weights for ``spatial_dims``-D images)."""
+    from regnet_zoo.pretrained import default_weights
 
-    path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
+    path = Path(weights) if weights is not None else default_weights(name, spatial_dims)
     if not path.is_file():
-        default = "" if weights is not None else " (the bundle's default)"
+        default = "" if weights is not None else " (the bundle's default; no shipped weights either)"
         raise FileNotFoundError(
             f"no trained {name} model at {path}{default}; train one with `regnet-zoo train {name} "
             f"--dataset-dir DIR` (or pass --weights PATH)"
@@ -78,7 +80,7 @@ def load_network(
     from regnet_zoo.bundle import load_bundle_weights
 
     check_method(name)
-    path = weights_path(name, weights)
+    path = weights_path(name, weights, spatial_dims)
     return load_bundle_weights(name, path, device, spatial_dims=spatial_dims)
 
 
@@ -105,18 +107,22 @@ def use_all_cores() -> int:
 
 
 def load_method(
-    name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+    name: str,
+    weights: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    spatial_dims: int | None = None,
 ) -> nn.Module:
     """The trained network of method ``name`` in eval mode on ``device``.
 
-    ``weights`` default to ``bundles/<name>/models/model.pt``. Self-describing weights
-    (:mod:`regnet_zoo.weights`) rebuild the network they were trained with (its recorded class and
-    arguments; ``network.regnet_zoo_metadata`` holds the metadata); a plain state dict is loaded into the
-    bundle's ``network_def`` (``spatial_dims`` from the kernels), with a warning. Raises
+    ``weights`` default to the bundle's ``models/model.pt``, else the shipped weights
+    (:func:`regnet_zoo.pretrained.default_weights`; ``spatial_dims`` picks 2D or 3D, 3D first).
+    Self-describing weights (:mod:`regnet_zoo.weights`) rebuild the network they were trained with (its
+    recorded class and arguments; ``network.regnet_zoo_metadata`` holds the metadata); a plain state dict
+    is loaded into the bundle's ``network_def`` (``spatial_dims`` from the kernels), with a warning. Raises
     ``RegistrationInputError`` for an unknown / unpackaged method or weights of another method, and
     ``FileNotFoundError`` (saying how to train one) when there are no weights.
     """
-    network, meta = load_network(name, weights, resolve_device(device), None)
+    network, meta = load_network(name, weights, resolve_device(device), spatial_dims)
     network.regnet_zoo_metadata = meta
     return network
 

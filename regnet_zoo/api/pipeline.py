@@ -330,7 +330,7 @@ def prepare_network(
     The preprocessing is the one recorded in self-describing weights (:mod:`regnet_zoo.weights`): the working
     grid, normalisation and padding the network was trained with; for plain state dicts, the bundle's config.
     """
-    path = weights_path(method, weights).resolve()
+    path = weights_path(method, weights, pair.spatial_dims).resolve()
     network, meta = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
     check_weights_fit(
         meta,

@@ -123,13 +123,16 @@ class LabelAppConfig:
         ``bundle_root``, so ``work_dir/<name>/models/model.pt``."""
         return Path(self.work_dir) / name / "models" / "model.pt"
 
-    def weights_of(self, name: str) -> Path:
+    def weights_of(self, name: str, spatial_dims: int | None = None) -> Path:
         """The weight file used for ``name`` (it may not exist): the ``weights`` entry, else weights trained
         by this app (``work_dir/<name>/models/model.pt``) when present, else the bundle's
-        ``models/model.pt``."""
+        ``models/model.pt``, else the weights shipped for ``spatial_dims``-D images
+        (:func:`regnet_zoo.pretrained.default_weights`)."""
+        from regnet_zoo.pretrained import default_weights
+
         if name in self.weights:
             return self.weights[name]
         trained = self.trained_weights(name)
         if trained.is_file():
             return trained
-        return bundle_home(name) / "models" / "model.pt"
+        return default_weights(name, spatial_dims, bundle_home(name))

@@ -174,7 +174,7 @@ class RegistrationInferTask(InferTask):
                 detail=f"moving image {moving_id!r} is {moving_dims}D but the fixed image is {fixed_dims}D; "
                 "fixed and moving must have the same dimensionality",
             )
-        weights = self.app_config.weights_of(self.method)
+        weights = self.app_config.weights_of(self.method, fixed_dims)
         if not weights.is_file():
             raise HTTPException(
                 status_code=409,

@@ -76,7 +76,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="trained weights of a model (repeatable; default: bundles/<name>/models/model.pt)",
+        help="trained weights of a model (repeatable; default: the bundle's models/model.pt, else the "
+        "shipped weights in regnet_zoo/pretrained)",
     )
     parser.add_argument("--device", default="cpu", help="torch device for inference and training")
     parser.add_argument(

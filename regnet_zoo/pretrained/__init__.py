@@ -1,0 +1,198 @@
+"""Shipped weights: every method trained on synthetic pairs (``regnet_zoo.data.synthmorph``) by
+``benchmarks/train_zoo.py``, in 2D and 3D, at a small working grid (:data:`WORKING_GRIDS`).
+
+None ship yet: the CPU-budget run of this session (4-500 iterations per method) did not beat the affine stage
+on the real pairs (``benchmarks/results/zoo_eval_*.md``), and weights that make registration worse must not
+be what ``register`` uses by default. The lookup below is in place for weights trained with a real budget.
+
+Files (package data): ``<method>_<2d|3d>.pt`` (``{"model": state_dict, "regnet_zoo": metadata}``, the
+self-describing format of the pipeline's weights; the state dict may be half precision), the same metadata as
+``<method>_<2d|3d>.json`` and the model card ``<method>.md``.
+
+Which weights a method uses when none are given (:func:`default_weights`):
+
+1. the bundle's own trained model, ``<bundle_home>/models/model.pt`` (``regnet-zoo train`` / ``monai.bundle
+   run`` write it: a model you trained yourself wins);
+2. else the shipped ``<method>_<dims>d.pt`` for the images' dimensionality.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PRETRAINED_DIR",
+    "WORKING_GRIDS",
+    "weights_file",
+    "shipped_weights",
+    "default_weights",
+    "weights_image_size",
+    "zoo_metadata",
+    "model_card",
+]
+
+PRETRAINED_DIR = Path(__file__).resolve().parent
+#: the working grid of the shipped weights (small enough for CPU training); images are resampled to it
+WORKING_GRIDS: dict[int, tuple[int, ...]] = {2: (128, 128), 3: (48, 48, 48)}
+
+
+def weights_file(method: str, spatial_dims: int, folder: str | Path | None = None) -> Path:
+    """``<folder>/<method>_<2d|3d>.pt`` (default folder: :data:`PRETRAINED_DIR`; the file need not exist)."""
+    return Path(folder if folder is not None else PRETRAINED_DIR) / f"{method}_{int(spatial_dims)}d.pt"
+
+
+def shipped_weights(method: str, spatial_dims: int) -> Path | None:
+    """The shipped weights of ``method`` for ``spatial_dims``-D images, None when there are none."""
+    path = weights_file(method, spatial_dims)
+    return path if path.is_file() else None
+
+
+def default_weights(method: str, spatial_dims: int | None, bundle_root: str | Path | None = None) -> Path:
+    """The weights ``method`` uses when none are given: ``<bundle_root>/models/model.pt`` (default root:
+    :func:`regnet_zoo.bundle_home`) when it exists, else the shipped file for ``spatial_dims`` (3D first when
+    ``spatial_dims`` is None). When neither exists: the bundle's path (its loader says how to train)."""
+    from regnet_zoo import bundle_home
+
+    own = Path(bundle_root if bundle_root is not None else bundle_home(method)) / "models" / "model.pt"
+    if own.is_file():
+        return own
+    for dims in (spatial_dims,) if spatial_dims else (3, 2):
+        shipped = shipped_weights(method, int(dims))
+        if shipped is not None:
+            return shipped
+    return own
+
+
+def weights_image_size(path: str | Path, default: Sequence[int] | None = None) -> list[int] | None:
+    """The working grid recorded in self-describing weights (``preprocessing.image_size``), else ``default``:
+    bundle inference resamples to the grid the weights were trained at."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        return list(default) if default is not None else None
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    meta = saved.get("regnet_zoo") if isinstance(saved, dict) else None
+    size = ((meta or {}).get("preprocessing") or {}).get("image_size")
+    if size:
+        return [int(s) for s in size]
+    return list(default) if default is not None else None
+
+
+def zoo_metadata(
+    method: str, network_config: Mapping[str, Any], grid: Sequence[int], trained_on: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Self-describing metadata (:func:`regnet_zoo.weights.weights_metadata`) of synthetic-data weights:
+    ``network_config`` is the resolved ``network_def`` (with ``_target_``), ``grid`` the working grid."""
+    from regnet_zoo.data.preprocess import Preprocessing
+    from regnet_zoo.weights import weights_metadata
+
+    # training images are on the working grid in [0, 1]; real images get the bundle's min-max normalisation
+    # and are resampled to the grid. No pre-alignment in training (the synthetic pairs include a random
+    # affine); `register` runs its affine stage before the network.
+    prep = Preprocessing(image_size=tuple(grid), pad_multiple=None, pre_align=None).to_dict()
+    return weights_metadata(method, network_config, prep, trained_on)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _row(name: str, value: Any) -> str:
+    return f"| {name} | {value} |"
+
+
+def _training_section(method: str, dims: int, folder: Path) -> list[str]:
+    record, weights = folder / f"{method}_{dims}d.json", folder / f"{method}_{dims}d.pt"
+    if not record.is_file():
+        return [f"## {dims}D", "", "Not trained yet.", ""]
+    meta = json.loads(record.read_text())
+    t, size = meta["trained_on"], weights.stat().st_size / 1e6 if weights.is_file() else 0.0
+    val = t.get("validation", {})
+    dice = f"{_fmt(val.get('val_dice_initial'))} -> {_fmt(val.get('val_dice'))}"
+    return [
+        f"## {dims}D (`{method}_{dims}d.pt`, {size:.2f} MB)",
+        "",
+        "| | |",
+        "|---|---|",
+        _row("data", f"{t.get('dataset')} (`{t.get('generator')}`, seed {t.get('seed')})"),
+        _row("working grid", f"{t.get('grid')} (images are resampled to it; min-max normalisation)"),
+        _row("iterations x batch", f"{t.get('iterations')} x {t.get('batch_size')} = {t.get('pairs')} pairs"),
+        _row("wall time", f"{_fmt(t.get('wall_time_s'), 0)} s, {t.get('device')}, {t.get('threads')} thread"),
+        _row("loss changes for synthetic data", f"`{t.get('loss_overrides')}`"),
+        _row("final training loss (mean of the last 20 iterations)", _fmt(t.get("final_loss"), 4)),
+        _row(f"held-out Dice before -> after ({val.get('pairs')} pairs, seed {val.get('seed')})", dice),
+        _row("folding % / SDlogJ", f"{_fmt(val.get('val_folding_percent'))} / {_fmt(val.get('val_sdlogj'))}"),
+        _row("versions", meta.get("versions")),
+        "",
+        f"Reproduce: `{t.get('command')}`",
+        "",
+    ] + _no_progress(val, t)
+
+
+def _no_progress(val: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str]:
+    """A stated warning when the held-out synthetic Dice did not rise above no registration."""
+    before, after = val.get("val_dice_initial"), val.get("val_dice")
+    if before is None or after is None or after > before:
+        return []
+    return [
+        f"**Not (yet) better than no registration on held-out synthetic pairs ({before:.3f} -> "
+        f"{after:.3f}):** {trained.get('iterations')} iterations in {trained.get('wall_time_s')} s "
+        "on one CPU thread are far too few for this network to learn; treat these weights as a "
+        "working starting point for fine-tuning or instance optimisation, not as a trained model.",
+        "",
+    ]
+
+
+def model_card(method: str, folder: str | Path = PRETRAINED_DIR, evaluation: Mapping | None = None) -> str:
+    """The model card (Markdown) of ``method``'s weights in ``folder``, from their JSON records and, when
+    given, the real-data evaluation of ``benchmarks/zoo_eval.py`` (its JSON, ``rows``)."""
+    folder = Path(folder)
+    lines = [
+        f"# {method}: shipped weights (synthetic training)",
+        "",
+        "Trained by `benchmarks/train_zoo.py` on SynthMorph-style synthetic pairs only "
+        "(`regnet_zoo.data.synthmorph`: random label maps, an independent random contrast per label for "
+        "fixed and moving, blur, bias, noise, gamma; random affine + diffeomorphic pair transform), via the "
+        "bundle's own training config (network, loss, optimiser). No real image was seen in training. Used "
+        "by default when the bundle has no `models/model.pt` of its own "
+        "(`regnet_zoo/pretrained/__init__.py`).",
+        "",
+    ]
+    for dims in (2, 3):
+        lines += _training_section(method, dims, folder)
+    rows = [r for r in (evaluation or {}).get("rows", []) if r.get("method") == method]
+    if rows:
+        lines += [
+            "## Real pairs (`benchmarks/zoo_eval.py`, `benchmarks/results/zoo_eval_*.json`)",
+            "",
+            "Affine stage then the network, against the affine stage alone (the same run). Means over the "
+            "pairs of a dataset; TRE in mm (hands2d: pixels).",
+            "",
+            "| pair | instance-opt steps | Dice affine | Dice + network | TRE affine (mm) "
+            "| TRE + network (mm) | beats affine |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            lines.append(
+                f"| {r['pair']} ({r.get('dims')}D weights) | {r.get('instance_opt', 0)} | "
+                f"{_fmt(r.get('dice_affine'))} | "
+                f"{_fmt(r.get('dice'))} | "
+                f"{_fmt(r.get('tre_affine'), 2)} | {_fmt(r.get('tre'), 2)} | {r.get('beats_affine')} |"
+            )
+        losing = sorted({r["pair"] for r in rows if r.get("beats_affine") is False})
+        lines.append("")
+        if losing:
+            lines += [
+                f"**Does not beat the affine stage on: {', '.join(losing)}.** Why: minutes of single-thread "
+                "CPU training on a small synthetic grid (SynthMorph trains for hundreds of thousands of "
+                "iterations), and real images are resampled to the small working grid, so fine structures "
+                "are lost. The same command with more minutes (or on a GPU) trains longer.",
+                "",
+            ]
+    return "\n".join(lines)
