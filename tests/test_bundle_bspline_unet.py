@@ -20,7 +20,7 @@ from regnet_zoo.bundle import (
     run_bundle,
 )
 from regnet_zoo.data.phantom import default_dataset_dir
-from regnet_zoo.networks.bspline_unet import BSplineUNetLoss
+from regnet_zoo.networks.bspline_unet import PAPER_TERM_SCALES, BSplineUNetLoss
 
 NAME = "bspline_unet"
 BUNDLE = bundle_dir(NAME)
@@ -79,3 +79,4 @@ def test_bundle_uses_the_paper_loss_weights():
     assert isinstance(loss, BSplineUNetLoss)
     # the paper's weights
     assert (loss.ngf_weight, loss.curvature_weight, loss.label_weight, loss.ngf_eps) == (1.0, 1e3, 5e4, 0.1)
+    assert loss.term_scales == PAPER_TERM_SCALES  # the calibrated units (each term acts as in Table 1)
