@@ -20,7 +20,9 @@ Protocol (Sokooti et al. 2017, Sect. 2.2 / 3, on brain MR instead of chest CT):
   same budget; the paper: 1.17 vs 1.70 mm.
 
     python benchmarks/regnet_bench.py --out benchmarks/results/regnet_bench.json          # 2D, ~25 min CPU
-    python benchmarks/regnet_bench.py --dims 3 --steps 20000 --batch 4 --device cuda      # the 3D setting
+    python benchmarks/regnet_bench.py --dims 3 --steps 20000 --batch 4 --threads 16       # the 3D setting
+    python benchmarks/regnet_bench.py --steps 0 --variants multi --no-affine \
+        --time-shape 160 192 224 --dense-mode exact --tile 80 192 224 --threads 2           # dense timing
 
 Needs the development data (``--data``, default ``../shared/data`` beside the checkout).
 """
@@ -132,7 +134,13 @@ def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegN
     """Train one network (``variant`` "multi" or "single" scale) and record its learning curve."""
     torch.manual_seed(args.seed)
     dims = args.dims
-    net = RegNet(dims, multi_scale=variant == "multi", skip_crop_border=True, tile_size=args.tile)
+    net = RegNet(
+        dims,
+        multi_scale=variant == "multi",
+        skip_crop_border=True,
+        tile_size=args.tile,
+        dense_mode=args.dense_mode,
+    )
     transform = RegNetSyntheticCropd(image_key="image", mask_key="mask", crop_size=args.crop)
     transform.set_random_state(args.seed)
     loss_fn = RegNetLoss()
@@ -208,6 +216,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epoch-steps", type=int, default=250, help="steps between the 1/1.25 lr decays")
     parser.add_argument("--eval-every", type=int, default=100, help="learning-curve interval (steps)")
     parser.add_argument("--tile", type=int, nargs="+", default=None, help="dense-inference tile (3D memory)")
+    parser.add_argument("--dense-mode", default="exact", choices=["exact", "interpolate"])
+    parser.add_argument("--time-shape", type=int, nargs="+", default=None, help="also time dense inference")
     parser.add_argument("--no-affine", action="store_true", help="skip the affine pre-registration rows")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -271,6 +281,17 @@ def main(argv=None) -> dict:
                 f"{s.get('affine_then_regnet_mae_mm', float('nan')):14.2f} "
                 f"{s.get('affine_only_mae_mm', float('nan')):8.2f}"
             )
+        if args.time_shape:
+            fixed = torch.rand(1, 1, *args.time_shape)
+            with torch.no_grad():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                net(fixed, fixed.flip(2))
+                wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
+            result["variants"][variant]["dense_inference"] = {
+                "shape": args.time_shape, "mode": args.dense_mode, "tile": args.tile, "seconds": wall,
+                "cpu_seconds": cpu,
+            }
+            print(f"  dense inference {args.time_shape} ({args.dense_mode}): {wall:.1f} s, {cpu:.1f} s CPU")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2))  # after every variant: nothing lost on a stop
     print(f"saved {args.out}")
