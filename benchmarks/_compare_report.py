@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from regnet_zoo.data.io import json_ready
+
 __all__ = ["markdown_table", "write_results", "plot_accuracy_vs_time", "plot_dice_boxes", "plot_panel"]
 
 # (column title, row key, format)
@@ -59,31 +61,12 @@ def markdown_table(rows: Sequence[dict], show_gpu: bool | None = None) -> str:
     return "\n".join(lines)
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return str(value)
-
-
-def _finite(value: Any) -> Any:
-    """NaN / inf -> None, recursively (strict JSON)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
 def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
     """``results.json`` (meta + rows without the image arrays) and ``results.md`` (header + table)."""
     clean_rows = [{k: v for k, v in r.items() if k != "example"} for r in rows]
     json_path = out / "results.json"
     json_path.write_text(
-        json.dumps(_finite({**meta, "rows": clean_rows}), indent=2, default=_json_default, allow_nan=False)
+        json.dumps(json_ready({**meta, "rows": clean_rows}), indent=2, default=str, allow_nan=False)
     )
     md_path = out / "results.md"
     header = [

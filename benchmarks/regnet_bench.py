@@ -45,9 +45,10 @@ from regnet_zoo.core.affine import affine_register
 from regnet_zoo.core.geometry import as_4x4, from_4x4, spacing_from_affine
 from regnet_zoo.data.io import load_image
 from regnet_zoo.data.preprocess import normalise_intensity
+from regnet_zoo.data.regnet_crop import RegNetSyntheticCropd
 from regnet_zoo.data.synthetic import deform_pair
 from regnet_zoo.data.transforms import pre_align_pair
-from regnet_zoo.networks.regnet import RegNet, RegNetLoss, RegNetSyntheticCropd, dvf_mae
+from regnet_zoo.networks.regnet import RegNet, RegNetLoss, dvf_mae
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PRESETS = ("low", "medium", "high")

@@ -114,12 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     warp = sub.add_parser(
         "warp",
         help="warp an image with a displacement field",
-        description="Warp MOVING onto the grid of FIXED with a displacement field (linear, or --nearest).",
+        description=(
+            "Warp MOVING onto the grid of FIXED with a displacement field. Images are interpolated linearly; "
+            "a MOVING that holds only integer values (a label map, or an intensity image stored as integers) "
+            "needs --nearest (label maps: values kept, written as integers) or --linear (intensities)."
+        ),
     )
     warp.add_argument("--moving", required=True, help="image (or label map, with --nearest) to warp")
     warp.add_argument("--ddf", required=True, help=DDF_HELP + "; or an ITK transform (transform.h5, .tfm)")
     warp.add_argument("--fixed", required=True, help="the fixed image (its grid and affine)")
-    warp.add_argument("--nearest", action="store_true", help="nearest-neighbour interpolation (label maps)")
+    interpolation = warp.add_mutually_exclusive_group()
+    interpolation.add_argument(
+        "--nearest", action="store_true", help="nearest neighbour: for label maps (written as integers)"
+    )
+    interpolation.add_argument(
+        "--linear", action="store_true", help="linear even for integer-valued images (e.g. CT or 8-bit MR)"
+    )
     warp.add_argument("--ddf-type", choices=("auto", "voxel", "itk"), default="auto", help="DDF convention")
     warp.add_argument("--out", required=True, help="output image (.nii.gz, .nii, .mha, .nrrd)")
     warp.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -170,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a method: runs its bundle's train.yaml",
         description=(
             "Run bundles/METHOD/train.yaml (monai.bundle run). Further bundle overrides as KEY=VALUE or "
-            "--KEY VALUE (MONAI config ids: network_def#overlap=4; values parsed as Python literals)."
+            "--KEY VALUE (MONAI config ids: network_def#overlap=4 or --image-size '[64, 64]'; hyphens in "
+            "--KEY stand for underscores; values parsed as Python literals). A KEY the config does not have "
+            "is an error that names the closest keys."
         ),
     )
     train.add_argument("method", help=f"one of {', '.join(METHODS)}")
@@ -179,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu or cuda")
     train.add_argument(
         "--spatial-dims", type=int, choices=(2, 3), help="2 or 3 (default: from the dataset's dataset.json)"
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the weights of an earlier run (models/model.pt); without it training refuses to start",
+    )
+    # the underscore spellings, documented before: hidden aliases, so that they keep their checks
+    train.add_argument("--dataset_dir", dest="dataset_dir", help=argparse.SUPPRESS)
+    train.add_argument(
+        "--spatial_dims", dest="spatial_dims", type=int, choices=(2, 3), help=argparse.SUPPRESS
     )
     return parser
 
@@ -239,6 +261,12 @@ def _warp(args: argparse.Namespace) -> int:
     fixed = as_image(args.fixed, "fixed image")
     moving = as_image(args.moving, "moving image")
     check_pair(fixed, moving, single_channel=False)  # any image can be warped
+    if not (args.nearest or args.linear) and torch.equal(moving.as_tensor(), moving.as_tensor().round()):
+        # whatever its storage type (label maps come as float64 too): never interpolate labels into floats
+        raise RegistrationInputError(
+            f"{args.moving}: the image holds only integer values, as a label map does; pass --nearest to "
+            "warp a label map, or --linear to interpolate an intensity image"
+        )
     ddf = load_ddf(args.ddf, fixed, args.ddf_type)
     warped = warp_physical(moving, affine_of(fixed), fixed.shape[1:], ddf, nearest=args.nearest)
     if args.nearest and torch.equal(warped, warped.round()):
@@ -353,7 +381,11 @@ def _literal(text: str) -> Any:
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE``, ``--KEY=VALUE`` and ``--KEY VALUE`` tokens -> ``{KEY: value}`` (``-`` kept in KEY)."""
+    """``KEY=VALUE``, ``--KEY=VALUE`` and ``--KEY VALUE`` tokens -> ``{KEY: value}``.
+
+    In the flag forms hyphens stand for underscores (``--image-size`` is the config id ``image_size``), as
+    in every other ``regnet-zoo`` flag; ``KEY=VALUE`` keeps KEY as written.
+    """
     overrides: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -366,6 +398,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
                 value, i = tokens[i + 1], i + 1
             else:
                 raise RegistrationInputError(f"bundle override {token} has no value")
+            key = key.replace("-", "_")
         elif "=" in token:
             key, value = token.split("=", 1)
         else:
@@ -377,12 +410,31 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def _refuse_to_replace_weights(method: str, overrides: dict[str, Any]) -> None:
+    """Before any data is loaded: the run's model.pt must not exist unless overwrite / resume (the bundle's
+    ModelSaver checks the same when the trainer starts)."""
+    from regnet_zoo.bundle import bundle_parser
+
+    if overrides.get("overwrite") or overrides.get("resume_from") not in (None, "", False):
+        return
+    parser = bundle_parser(method, "train", **overrides)
+    if parser.get("overwrite") or parser.get("resume_from") not in (None, "", False):
+        return
+    path = Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
+    if path.exists():
+        raise RegistrationInputError(
+            f"{path}: weights of an earlier training run exist; pass --overwrite to replace them "
+            "(or --ckpt-dir DIR to train into another folder)"
+        )
+
+
 def _train(args: argparse.Namespace) -> int:
     from regnet_zoo.api import check_method
-    from regnet_zoo.bundle import run_bundle
+    from regnet_zoo.bundle import check_overrides, run_bundle
 
     check_method(args.method)
     overrides = parse_overrides(list(args.overrides))
+    check_overrides(args.method, "train", overrides)  # a misspelt key first, before anything is read
     if args.dataset_dir is not None:
         if not Path(args.dataset_dir).is_dir():
             raise RegistrationInputError(f"{args.dataset_dir}: dataset folder not found")
@@ -400,6 +452,9 @@ def _train(args: argparse.Namespace) -> int:
         from regnet_zoo.api import resolve_device
 
         resolve_device("cuda")
+    if args.overwrite:
+        overrides["overwrite"] = True
+    _refuse_to_replace_weights(args.method, overrides)
     run_bundle(args.method, "train", **overrides)
     return 0
 

@@ -5,6 +5,10 @@ class RegistrationInputError(ValueError):
     """Bad input: a missing/unreadable file, wrong dimensionality, NaN/inf, non-integer labels, ..."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A non-finite training loss, gradient or weight: training stops, nothing non-finite is written."""
+
+
 def user_error(err: BaseException) -> RegistrationInputError | None:
     """The ``RegistrationInputError`` behind ``err`` (itself, or in its ``__cause__`` / ``__context__`` chain,
     e.g. wrapped by MONAI's config parser), or None."""

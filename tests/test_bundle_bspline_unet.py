@@ -69,7 +69,7 @@ def test_export_traced_matches_eager(trained, tmp_path):
     pair = torch.rand(1, 2, *SIZE)
     with torch.no_grad():
         expected = eager(pair[:, :1], pair[:, 1:])["ddf"]
-        got = traced(pair)["ddf"]
+        got = traced(pair)  # ddf_network: the DDF tensor
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 

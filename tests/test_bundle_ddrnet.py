@@ -25,6 +25,7 @@ from regnet_zoo.bundle import (
 )
 from regnet_zoo.data.learn2reg import Learn2RegDataset
 from regnet_zoo.data.phantom import default_dataset_dir
+from regnet_zoo.weights import read_weights
 
 BUNDLE = bundle_dir("ddrnet")
 SIZE = [48, 48]
@@ -106,10 +107,11 @@ def test_resume_continues_from_the_last_epoch(trained):
     )
     ckpt = trained / "models" / "checkpoints" / "checkpoint_epoch=5.pt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
-    first = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    first, meta = read_weights(trained / "models" / "model.pt")
     num_pairs = len(Learn2RegDataset(default_dataset_dir(2)).pairs("train"))
     assert state["trainer"]["iteration"] == 5 * -(-num_pairs // FAST["batch_size"])
-    assert set(first) == set(state["model"])  # final weights are a plain network state dict
+    assert set(first) == set(state["model"])  # the final weights: the network's state dict + metadata
+    assert meta["trained_on"]["epochs"] == 5 and meta["preprocessing"]["image_size"] == SIZE
 
 
 def test_export_traced_matches_eager(trained, tmp_path):
@@ -125,7 +127,7 @@ def test_export_traced_matches_eager(trained, tmp_path):
     pair = torch.cat([batch["fixed"][:1], batch["moving"][:1]], dim=1)
     with torch.no_grad():
         expected = eager(batch["fixed"][:1], batch["moving"][:1])["ddf"]
-        got = traced(pair)["ddf"]
+        got = traced(pair)  # ddf_network: the DDF tensor
     assert expected.abs().max() > 0.1  # a non-trivial field
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

@@ -19,6 +19,7 @@ from regnet_zoo.bundle import (
     run_bundle,
 )
 from regnet_zoo.networks.discrete_corr import DiscreteCorrLoss, DiscreteCorrNet
+from regnet_zoo.weights import read_weights
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_bundle_layout_and_definitions():
     assert isinstance(network, DiscreteCorrNet) and network.stride == 4 and network.radius == 5
     assert isinstance(parser.get_parsed_content("loss"), DiscreteCorrLoss)
     metadata = json.loads((folder / "metadata.json").read_text())
-    assert metadata["network_data_format"]["inputs"]["pair"]["num_channels"] == 2
+    assert metadata["network_data_format"]["inputs"]["image"]["num_channels"] == 2
 
 
 def test_train_writes_weights_that_reload(trained_root):
@@ -52,7 +53,7 @@ def test_train_writes_weights_that_reload(trained_root):
     assert weights.is_file()
     assert any((trained_root / "models" / "checkpoints").iterdir())
     network = load_bundle_network("discrete_corr", weights=weights)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    state, _ = read_weights(weights)  # self-describing: state dict + metadata
     torch.testing.assert_close(network.state_dict(), state)
     pair = torch.rand(1, 2, 40, 40)
     with torch.no_grad():
@@ -62,7 +63,7 @@ def test_train_writes_weights_that_reload(trained_root):
     traced = torch.jit.load(
         str(export_bundle("discrete_corr", trained_root / "model.ts", (1, 2, 40, 40), ckpt_file=weights))
     )
-    torch.testing.assert_close(traced(pair)["ddf"], out["ddf"])
+    torch.testing.assert_close(traced(pair), out["ddf"])
 
 
 def test_inference_and_evaluate_write_outputs(trained_root, phantom_dir):

@@ -20,6 +20,7 @@ from regnet_zoo.bundle import (
     run_bundle,
 )
 from regnet_zoo.networks.pwc import PWCLoss, PWCRegistrationPyramid
+from regnet_zoo.weights import read_weights
 
 SIZE = [40, 40]
 TINY = {"image_size": SIZE, "batch_size": 2, "train__dataset__data": "$@dataset.pairs('train')[:4]"}
@@ -48,7 +49,7 @@ def test_metadata_matches_the_local_schema():
     schema = json.loads(Path(SCHEMA_PATH).read_text())
     schema.pop("$id", None)  # validate offline against the file itself
     jsonschema.validate(meta, schema)
-    assert meta["network_data_format"]["inputs"]["pair"]["num_channels"] == 2
+    assert meta["network_data_format"]["inputs"]["image"]["num_channels"] == 2
     assert "Gunnarsson" in meta["references"][0]
 
 
@@ -102,7 +103,7 @@ def test_resume_continues_from_the_last_epoch(trained):
         trained / "models" / "checkpoints" / "checkpoint_epoch=2.pt", map_location="cpu", weights_only=False
     )
     assert state["trainer"]["iteration"] == 2 * 2  # 4 pairs, batches of 2, two epochs
-    final = torch.load(trained / "models" / "model.pt", map_location="cpu", weights_only=True)
+    final, _ = read_weights(trained / "models" / "model.pt")  # self-describing: state dict + metadata
     assert set(final) == set(state["model"])
 
 
@@ -117,7 +118,7 @@ def test_export_traced_matches_eager(trained, tmp_path):
     fixed, moving = torch.rand(1, 1, *SIZE, generator=generator), torch.rand(1, 1, *SIZE, generator=generator)
     with torch.no_grad():
         expected = eager(fixed, moving)["ddf"]
-        got = traced(torch.cat([fixed, moving], dim=1))["ddf"]
+        got = traced(torch.cat([fixed, moving], dim=1))  # the DDF tensor
     assert expected.abs().max() > 0  # the trained network is no longer the identity
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 

@@ -109,7 +109,7 @@ def test_export_traced_matches_eager(trained, tmp_path):
     eager = load_bundle_network("regnet", weights=trained / "models" / "model.pt", **_py(NARROW))
     pair = torch.rand(1, 2, 40, 36)
     with torch.no_grad():
-        torch.testing.assert_close(traced(pair)["ddf"], eager(pair)["ddf"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(traced(pair), eager(pair)["ddf"], rtol=1e-4, atol=1e-5)
 
 
 def test_metadata_names_the_paper():

@@ -324,3 +324,111 @@ def test_parse_overrides():
     tokens = ["epochs=3", "--network_def#overlap", "4", "--lr=1e-3", "name=abc", "x=[1, 2]", "flag=true"]
     expected = {"epochs": 3, "network_def#overlap": 4, "lr": 1e-3, "name": "abc", "x": [1, 2], "flag": True}
     assert parse_overrides(tokens) == expected
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command-line habits: label maps in warp, unknown overrides, one spelling per flag
+# ----------------------------------------------------------------------------------------------------------
+@pytest.fixture()
+def shift_files(tmp_path) -> dict[str, Path]:
+    """A 2D fixed image, a DDF moving every voxel by +2 along axis 0, and one label map stored as int16 and
+    as float64 (as ../shared/data/prostate_mr_us stores its labels)."""
+    rng = np.random.default_rng(0)
+    shape = (12, 10)
+    files = {"fixed": tmp_path / "fixed.nii.gz", "ddf": tmp_path / "ddf.nii.gz"}
+    nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), np.eye(4)), files["fixed"])
+    ddf = np.zeros((2, *shape), np.float32)
+    ddf[0] = 2.0  # warped(x) = moving(x + 2 e_0)
+    save_image(ddf, files["ddf"], affine=np.eye(4))
+    label = rng.integers(0, 4, shape) * 3
+    for dtype in ("int16", "float64"):
+        files[dtype] = tmp_path / f"label_{dtype}.nii.gz"
+        nib.save(nib.Nifti1Image(label.astype(dtype), np.eye(4)), files[dtype])
+    return files
+
+
+@pytest.mark.parametrize("stored", ["int16", "float64"])
+def test_warp_label_map_needs_nearest_and_stays_integer(shift_files, stored, tmp_path, capsys):
+    files, out = shift_files, tmp_path / "out.nii.gz"
+    common = ["warp", "--moving", files[stored], "--ddf", files["ddf"], "--fixed", files["fixed"]]
+    common += ["--out", out]
+    code, _, err = run(capsys, *common)
+    assert_input_error(code, err, "--nearest")
+    assert len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    code, _, err = run(capsys, *common, "--nearest")
+    assert code == 0, err
+    written = nib.load(str(out))
+    assert np.issubdtype(written.get_data_dtype(), np.integer)
+    label = np.asarray(nib.load(str(files[stored])).dataobj)
+    expected = np.zeros_like(label)
+    expected[:-2] = label[2:]  # 0 beyond the moving grid (more than half a voxel outside)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), expected)
+    code, _, err = run(capsys, *common, "--nearest", "--linear", "--overwrite")
+    assert_input_error(code, err, "not allowed with")
+
+
+def test_warp_linear_interpolates_integer_intensities(shift_files, tmp_path, capsys):
+    out = tmp_path / "out.nii.gz"
+    code, _, err = run(capsys, "warp", "--moving", shift_files["int16"], "--ddf", shift_files["ddf"],
+                       "--fixed", shift_files["fixed"], "--linear", "--out", out)  # fmt: skip
+    assert code == 0, err
+    assert np.issubdtype(nib.load(str(out)).get_data_dtype(), np.floating)
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        (["--lerning_rate", "0.1"], "learning_rate"),
+        (["--lerning-rate", "0.1"], "learning_rate"),
+        (["network_def#overlapp=4"], "network_def#overlap"),
+        (["--epochs", "1", "optimizer#lrr=0.1"], "optimizer#lr"),
+    ],
+)
+def test_train_rejects_an_unknown_override_with_close_matches(override, suggestion, capsys):
+    code, _, err = run(capsys, "train", "ddrnet", *override)
+    assert_input_error(code, err, f"did you mean {suggestion}?")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_run_bundle_rejects_an_unknown_override():
+    from regnet_zoo.bundle import check_overrides, run_bundle
+    from regnet_zoo.errors import RegistrationInputError
+
+    with pytest.raises(RegistrationInputError, match="did you mean learning_rate"):
+        run_bundle("ddrnet", "train", lerning_rate=0.1)
+    with pytest.raises(RegistrationInputError, match="did you mean network_def#overlap"):
+        run_bundle("ddrnet", "train", network_def__overlapp=4)
+    with pytest.raises(RegistrationInputError, match="epochs is a value"):
+        check_overrides("ddrnet", "train", {"epochs#max": 1})
+    # present keys, and constructor arguments that the config leaves at their defaults, are accepted
+    check_overrides("ddrnet", "train", {"learning_rate": 0.1, "network_def#integration_steps": 5})
+    check_overrides("pwc", "evaluate", {"image_size": [40, 40], "network_def__level_warps": True})
+
+
+def test_hyphenated_override_flags_are_config_ids():
+    assert parse_overrides(["--image-size", "[8, 8]", "--batch-size=2", "a_b-c=1"]) == {
+        "image_size": [8, 8],
+        "batch_size": 2,
+        "a_b-c": 1,  # KEY=VALUE keeps the config id as written
+    }
+
+
+def test_one_spelling_per_flag_in_help_and_readme(capsys):
+    """Every option in ``--help`` and every flag of a ``regnet-zoo`` command in README.md uses hyphens; the
+    old underscore spelling of ``train --spatial-dims`` is a hidden alias that keeps the flag's check."""
+    import re
+
+    flags = set()
+    for argv in (["--help"], *[[c, "--help"] for c in ("register", "warp", "evaluate", "train", "serve")]):
+        code, out, _ = run(capsys, *argv)
+        assert code == 0
+        flags |= set(re.findall(r"(?<![\w-])--[A-Za-z][\w-]*", out))
+    assert "--spatial-dims" in flags and "--nearest" in flags
+    assert not [f for f in flags if "_" in f]
+    readme = (regnet_zoo.project_root() / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if "regnet-zoo " in line and " --" in line]
+    used = set(re.findall(r"(?<![\w-])--[A-Za-z][\w#-]*", "\n".join(commands)))
+    assert "--spatial-dims" in used and not [f for f in used if "_" in f]
+    code, _, err = run(capsys, "train", "ddrnet", "--spatial_dims", "4")
+    assert_input_error(code, err, "invalid choice")

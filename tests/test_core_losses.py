@@ -317,3 +317,38 @@ def test_bad_inputs_raise():
         losses.diffusion_loss(torch.zeros(1, 3, 8, 8))
     with pytest.raises(RegistrationInputError):
         losses.kl_svf_loss(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 9))
+
+
+def _numpy_dice_loss(pred: np.ndarray, target: np.ndarray, values) -> float:
+    """``1 - mean over batch and labels of 2 |A n B| / (|A| + |B|)`` on integer maps ``(B, 1, *S)``; a label
+    absent from both maps of an element scores 1 (MONAI's smoothed ratio)."""
+    scores = [
+        2 * np.sum((p == v) & (t == v)) / max(np.sum(p == v) + np.sum(t == v), 1e-30)
+        if np.any(p == v) or np.any(t == v)
+        else 1.0
+        for p, t in zip(pred, target, strict=True)
+        for v in values
+    ]
+    return 1.0 - float(np.mean(scores))
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_warped_label_dice_loss_of_a_voxel_shift(spatial_dims):
+    """A whole-voxel translation warps the one-hot maps exactly: the loss is the Dice of the shifted maps."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (12, 14) if spatial_dims == 2 else (8, 9, 10)
+    fixed = torch.randint(0, 3, (2, 1, *shape), generator=gen) * 2  # values 0, 2, 4
+    moving = torch.randint(0, 3, (2, 1, *shape), generator=gen) * 2
+    moving[0][moving[0] == 4] = 5  # a value only one map holds
+    ddf = torch.zeros(2, spatial_dims, *shape)
+    ddf[:, 0] = 1.0  # warped(x) = moving(x + e_0)
+    shifted = np.concatenate([moving.numpy()[:, :, 1:], moving.numpy()[:, :, -1:]], axis=2)  # border held
+    for include_background, values in ((True, [0, 2, 4, 5]), (False, [2, 4, 5])):
+        loss = losses.warped_label_dice_loss(ddf, fixed, moving, include_background=include_background)
+        expected = _numpy_dice_loss(shifted, fixed.numpy(), values)
+        assert loss.item() == pytest.approx(expected, abs=1e-4)
+    assert losses.label_values(fixed, moving).tolist() == [0, 2, 4, 5]
+    # background only: no term (rather than a Dice of empty sets)
+    zeros = torch.zeros(1, 1, *shape, dtype=torch.long)
+    assert losses.warped_label_dice_loss(ddf[:1], zeros, zeros, include_background=False) is None
+    assert losses.warped_label_dice_loss(ddf[:1], zeros, zeros).item() == pytest.approx(0.0, abs=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from scipy.ndimage import map_coordinates
 
+from regnet_zoo.data.regnet_crop import RegNetSyntheticCropd
 from regnet_zoo.networks.regnet import (
     CONTEXT_AFTER,
     CONTEXT_BEFORE,
@@ -16,7 +17,6 @@ from regnet_zoo.networks.regnet import (
     LOW_RES_PATCH,
     RegNet,
     RegNetLoss,
-    RegNetSyntheticCropd,
     dvf_mae,
     extract_patches,
 )

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from regnet_zoo import METHODS
 from regnet_zoo.data.preprocess import Preprocessing
@@ -28,27 +28,32 @@ __all__ = [
 def check_method(name: str) -> str:
     if name not in METHODS:
         raise RegistrationInputError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    from regnet_zoo import project_root
+    from regnet_zoo import bundle_dir
 
-    root = project_root() / "bundles" / name
-    if not (root / "train.yaml").is_file():
-        raise RegistrationInputError(
-            f"method {name!r} is not packaged yet ({root / 'train.yaml'} not found); "
-            f"packaged: {', '.join(packaged_methods()) or 'none'}"
-        )
+    try:
+        bundle_dir(name)  # the packaged bundle, or the source checkout's
+    except FileNotFoundError as err:
+        raise RegistrationInputError(str(err)) from err
     return name
 
 
 def packaged_methods() -> list[str]:
-    from regnet_zoo import project_root
+    from regnet_zoo import bundle_dir
 
-    return [m for m in METHODS if (project_root() / "bundles" / m / "train.yaml").is_file()]
+    found = []
+    for m in METHODS:
+        try:
+            bundle_dir(m)
+        except FileNotFoundError:
+            continue
+        found.append(m)
+    return found
 
 
 def weights_path(name: str, weights: str | os.PathLike | None) -> Path:
-    from regnet_zoo import bundle_dir
+    from regnet_zoo import bundle_home
 
-    path = Path(weights) if weights is not None else bundle_dir(name) / "models" / "model.pt"
+    path = Path(weights) if weights is not None else bundle_home(name) / "models" / "model.pt"
     if not path.is_file():
         default = "" if weights is not None else " (the bundle's default)"
         raise FileNotFoundError(
@@ -56,18 +61,6 @@ def weights_path(name: str, weights: str | os.PathLike | None) -> Path:
             f"--dataset-dir DIR` (or pass --weights PATH)"
         )
     return path
-
-
-def _spatial_dims_of_weights(path: Path) -> int | None:
-    """2 or 3 from the rank of the convolution kernels in a state dict / checkpoint (None if unclear)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise RegistrationInputError(f"{path}: cannot read weights ({type(err).__name__}: {err})") from err
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    ranks = {v.ndim for v in state.values() if isinstance(v, Tensor)} if isinstance(state, dict) else set()
-    return 3 if 5 in ranks else 2 if 4 in ranks else None
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -79,43 +72,40 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load_network(
     name: str, weights: str | os.PathLike | None, device: torch.device, spatial_dims: int | None
-) -> nn.Module:
-    from regnet_zoo.bundle import load_bundle_network
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """(network in eval mode on ``device``, the weights' metadata or None): see
+    :func:`regnet_zoo.bundle.load_bundle_weights`; ``spatial_dims`` of the images to check them against."""
+    from regnet_zoo.bundle import load_bundle_weights
 
     check_method(name)
     path = weights_path(name, weights)
-    weights_dims = _spatial_dims_of_weights(path)
-    if spatial_dims is not None and weights_dims is not None and weights_dims != spatial_dims:
-        raise RegistrationInputError(
-            f"{path}: the weights are for {weights_dims}D images but the images are {spatial_dims}D"
-        )
-    dims = spatial_dims or weights_dims
-    overrides = {"spatial_dims": dims} if dims is not None else {}
-    try:
-        return load_bundle_network(name, weights=path, device=device, **overrides)
-    except RuntimeError as err:  # state dict does not fit the configured network
-        raise RegistrationInputError(
-            f"{path}: weights do not fit the {name} bundle's network ({str(err).splitlines()[0]})"
-        ) from err
+    return load_bundle_weights(name, path, device, spatial_dims=spatial_dims)
 
 
 @functools.lru_cache(maxsize=4)
-def cached_network(name: str, path: str, mtime_ns: int, device: str, spatial_dims: int) -> nn.Module:
-    """Networks for :func:`register`, kept across calls (benchmarks register many pairs in one process);
-    ``mtime_ns`` makes retrained weights load afresh."""
+def cached_network(
+    name: str, path: str, mtime_ns: int, device: str, spatial_dims: int
+) -> tuple[nn.Module, dict[str, Any] | None]:
+    """:func:`load_network` for :func:`register`, kept across calls (benchmarks register many pairs in one
+    process); ``mtime_ns`` makes retrained weights load afresh."""
     return load_network(name, path, torch.device(device), spatial_dims)
 
 
 def load_method(
     name: str, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"
 ) -> nn.Module:
-    """The trained network of method ``name`` (its bundle's ``network_def``) in eval mode on ``device``.
+    """The trained network of method ``name`` in eval mode on ``device``.
 
-    ``weights`` default to ``bundles/<name>/models/model.pt``; the network's ``spatial_dims`` is taken from
-    the weights. Raises ``RegistrationInputError`` for an unknown / unpackaged method and
+    ``weights`` default to ``bundles/<name>/models/model.pt``. Self-describing weights
+    (:mod:`regnet_zoo.weights`) rebuild the network they were trained with (its recorded class and
+    arguments; ``network.regnet_zoo_metadata`` holds the metadata); a plain state dict is loaded into the
+    bundle's ``network_def`` (``spatial_dims`` from the kernels), with a warning. Raises
+    ``RegistrationInputError`` for an unknown / unpackaged method or weights of another method, and
     ``FileNotFoundError`` (saying how to train one) when there are no weights.
     """
-    return load_network(name, weights, resolve_device(device), None)
+    network, meta = load_network(name, weights, resolve_device(device), None)
+    network.regnet_zoo_metadata = meta
+    return network
 
 
 def _bundle_parser(name: str, spatial_dims: int, **overrides: Any):

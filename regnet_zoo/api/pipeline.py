@@ -6,14 +6,19 @@ The steps (the same as ``regnet-zoo register``):
    affine), labels and landmarks, and check them before anything slow runs;
 2. :func:`prepare_network`: the method's trained network and its preprocessing (from the weights' metadata,
    else the bundle's config);
-3. :func:`predict_ddf`: the one preprocessing path (:mod:`regnet_zoo.data.preprocess`: normalisation on the
+3. :func:`affine_stage` (unless ``affine=None``): an affine / rigid map ``T`` in physical space with
+   ``moving(T p) ~ fixed(p)`` (:func:`regnet_zoo.core.affine.affine_register`); the moving image is then
+   seen through ``T`` (:func:`pre_aligned`: its affine becomes ``T^-1 A_m``);
+4. :func:`predict_ddf`: the one preprocessing path (:mod:`regnet_zoo.data.preprocess`: normalisation on the
    native grids, the moving image brought onto the fixed grid through physical space, resampling to the
    working grid, padding), the network, optional instance optimisation (``instance_opt`` Adam steps on the
    bundle's own loss), the field cropped and rescaled back to the fixed grid;
-4. :func:`warp_and_evaluate`: the *original* moving image (and label) warped with one interpolation of the
-   composed map ``fixed voxel x -> moving voxel A_m^-1 A_f (x + ddf(x))`` (exactly what SimpleITK does with
-   :attr:`RegistrationResult.ddf_itk`: linear, border-clamped within half a voxel of the grid, 0 further
-   out; nearest neighbour for labels) and the metrics (``regnet_zoo.core.metrics``) in mm on the fixed grid.
+5. :func:`total_ddf` composes affine then deformable into one field on the fixed grid,
+   ``A_f^-1 T A_f (x + d(x)) - x``, and :func:`warp_and_evaluate` warps the *original* moving image (and
+   label) with one interpolation of ``fixed voxel x -> moving voxel A_m^-1 A_f (x + ddf(x))`` (exactly what
+   SimpleITK does with :attr:`RegistrationResult.ddf_itk`: linear, border-clamped within half a voxel of the
+   grid, 0 further out; nearest neighbour for labels) and computes the metrics (``regnet_zoo.core.metrics``)
+   in mm on the fixed grid.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +63,7 @@ from regnet_zoo.core.spatial import resize_ddf
 from regnet_zoo.data.io import atomic_write, check_pair, metrics_to_json, save_image
 from regnet_zoo.data.preprocess import Preprocessing, network_inputs, normalise_intensity
 from regnet_zoo.errors import RegistrationInputError
+from regnet_zoo.weights import check_weights_fit
 
 __all__ = [
     "OUTPUT_FILES",
@@ -318,14 +325,28 @@ def check_inputs(
 def prepare_network(
     method: str, weights: str | os.PathLike | None, device: torch.device, pair: PairInputs
 ) -> tuple[nn.Module, Preprocessing]:
-    """The trained network (cached across calls) and its preprocessing, checked against the pair."""
+    """The trained network (cached across calls) and its preprocessing, checked against the pair.
+
+    The preprocessing is the one recorded in self-describing weights (:mod:`regnet_zoo.weights`): the working
+    grid, normalisation and padding the network was trained with; for plain state dicts, the bundle's config.
+    """
     path = weights_path(method, weights).resolve()
-    network = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
+    network, meta = cached_network(method, str(path), path.stat().st_mtime_ns, str(device), pair.spatial_dims)
+    check_weights_fit(
+        meta,
+        str(path),
+        method=method,
+        spatial_dims=pair.spatial_dims,
+        in_channels=pair.fixed.shape[0],
+        grid=tuple(pair.fixed.shape[1:]),
+    )
     in_channels = getattr(network, "in_channels", None)
     if in_channels is not None and pair.fixed.shape[0] != in_channels:
         raise RegistrationInputError(
             f"the {method} network takes {in_channels}-channel images, got {pair.fixed.shape[0]} channels"
         )
+    if meta is not None and isinstance(meta.get("preprocessing"), dict):
+        return network, Preprocessing.from_dict(meta["preprocessing"])
     return network, bundle_preprocessing(method, pair.spatial_dims)
 
 
@@ -523,6 +544,12 @@ def register(
     pair = check_inputs(fixed, moving, fixed_label, moving_label, fixed_landmarks, moving_landmarks)
     stages.done("load inputs")
     network, prep = prepare_network(method, weights, device, pair)
+    if prep.pre_align is not None and affine is None:
+        warnings.warn(
+            f"the {method} network was trained on pre-aligned pairs (pre_align={prep.pre_align!r}) but the "
+            "affine stage is off: its inputs differ from its training data",
+            stacklevel=2,
+        )
     instance_loss = bundle_instance_loss(method, pair.spatial_dims, device) if instance_opt else None
     stages.done(f"load {method} network")
 

@@ -22,6 +22,7 @@ from monai.losses import (
 )
 from torch import Tensor, nn
 
+from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -32,6 +33,8 @@ __all__ = [
     "mse_loss",
     "mutual_information_loss",
     "soft_dice_loss",
+    "label_values",
+    "warped_label_dice_loss",
     "diffusion_loss",
     "bending_energy",
     "curvature_loss",
@@ -195,6 +198,30 @@ def soft_dice_loss(
     """
     _check_pair(pred_onehot_or_probs, target_onehot, "soft_dice_loss")
     return DiceLoss(include_background=include_background)(pred_onehot_or_probs, target_onehot)
+
+
+def label_values(*labels: Tensor, include_background: bool = True) -> Tensor:
+    """The sorted label values present in any of the label maps ``labels``; without 0 when
+    ``include_background`` is false (so that the one-hot channels of every map correspond)."""
+    values = torch.unique(torch.cat([label.flatten() for label in labels]))
+    return values if include_background else values[values != 0]
+
+
+def warped_label_dice_loss(
+    ddf: Tensor, fixed_label: Tensor, moving_label: Tensor, include_background: bool = True
+) -> Tensor | None:
+    """The label term of weakly supervised training: soft Dice of the moving one-hot labels warped (linearly)
+    by ``ddf`` against the fixed one-hot labels, over the values present in either map.
+
+    ``ddf`` ``(B, N, *S)`` voxel units; label maps ``(B, 1, *S)``. ``include_background=False`` leaves the
+    value 0 out (not the first channel, which is 0 only when a map has background). Returns ``None`` when no
+    label value is left (e.g. background only): there is nothing to align, and the caller omits the term.
+    """
+    values = label_values(fixed_label, moving_label, include_background=include_background)
+    if len(values) == 0:
+        return None
+    warped = warp_image(one_hot_labels(moving_label, values).to(ddf.dtype), ddf)
+    return soft_dice_loss(warped, one_hot_labels(fixed_label, values).to(ddf.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Interpolation modes:
 
 - ``"linear"``: (bi/tri)linear, ``torch.nn.functional.grid_sample``;
 - ``"nearest"``: ``grid_sample`` nearest (ties round half to even);
+- linear and nearest on CPU float32/float64 tensors run numba kernels (``core._fast``) with the same numbers
+  and gradients, without building a coordinate grid; ``REGNET_ZOO_FAST=0`` (or no numba) uses ``grid_sample``;
 - ``"cubic"``: cubic **B-spline interpolation** in 2D and 3D alike (the same as ITK/SimpleITK ``sitkBSpline``
   of order 3): the image is first prefiltered to B-spline coefficients with the exact inverse of the sampled
   cubic B-spline under mirror boundary conditions, and the spline is then evaluated with ``2**N`` linear
@@ -32,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from regnet_zoo.core import _fast
 from regnet_zoo.core.geometry import (  # noqa: F401  (re-exported: one definition, in core.geometry)
     ddf_physical_to_voxel,
     ddf_voxel_to_physical,
@@ -183,6 +186,15 @@ def sample_image(image: Tensor, coords: Tensor, mode: str = "linear", padding_mo
     ``len(T) == N``. A batch size of 1 in either argument broadcasts. Integer images are sampled in float and,
     for ``mode="nearest"``, cast back to their dtype.
     """
+    return _sample(image, coords, mode, padding_mode)
+
+
+def _sample(image: Tensor, coords: Tensor, mode: str, padding_mode: str, relative: bool = False) -> Tensor:
+    """:func:`sample_image`; with ``relative=True`` ``coords`` is a displacement from the identity of ``S``.
+
+    Linear / nearest on CPU float tensors run the fast kernels of ``core._fast`` (no coordinate grid is
+    built); everything else, and the fallback, is ``grid_sample`` / the cubic B-spline code.
+    """
     mode, padding_mode = _check_mode(mode), _check_padding(padding_mode)
     spatial_dims = image.ndim - 2
     if spatial_dims not in (2, 3):
@@ -196,11 +208,16 @@ def sample_image(image: Tensor, coords: Tensor, mode: str = "linear", padding_mo
     if not image.is_floating_point():
         image = image.to(coords.dtype if coords.is_floating_point() else torch.float32)
     coords = coords.to(image.dtype)
-    image, coords = _broadcast_batch(image, coords)
-    if mode == "cubic":
-        out = _cubic_bspline_sample(image, coords, padding_mode)
+    if mode != "cubic" and _fast.applies(image, coords):
+        out = _fast.sample(image, coords, mode, padding_mode, relative=relative)
     else:
-        out = _grid_sample(image, coords, "bilinear" if mode == "linear" else "nearest", padding_mode)
+        if relative:
+            coords = identity_grid(coords.shape[2:], device=coords.device, dtype=coords.dtype) + coords
+        image, coords = _broadcast_batch(image, coords)
+        if mode == "cubic":
+            out = _cubic_bspline_sample(image, coords, padding_mode)
+        else:
+            out = _grid_sample(image, coords, "bilinear" if mode == "linear" else "nearest", padding_mode)
     if mode == "nearest" and not input_dtype.is_floating_point:
         out = torch.round(out).to(input_dtype)
     return out
@@ -223,8 +240,7 @@ def warp_image(image: Tensor, ddf: Tensor, mode: str = "linear", padding_mode: s
     ``padding_mode``: ``"border"`` or ``"zeros"`` (see module docstring).
     """
     _check_ddf(ddf, image.shape[2:])
-    coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=ddf.dtype) + ddf
-    return sample_image(image, coords, mode=mode, padding_mode=padding_mode)
+    return _sample(image, ddf, mode, padding_mode, relative=True)
 
 
 def warp_labels(
@@ -254,10 +270,10 @@ def warp_labels(
         labels = labels.round()
     labels = labels.long()
     dtype = ddf.dtype if ddf.is_floating_point() else torch.float32
-    coords = identity_grid(ddf.shape[2:], device=ddf.device, dtype=dtype) + ddf
+    ddf = ddf.to(dtype)
     if method == "nearest":
         # float32 represents integers exactly up to 2**24, enough for any label map
-        return sample_image(labels.to(dtype), coords, "nearest", padding_mode).round().long()
+        return _sample(labels.to(dtype), ddf, "nearest", padding_mode, relative=True).round().long()
     if method != "onehot":
         raise ValueError(f"unknown label warping method {method!r}; expected 'nearest' or 'onehot'")
     if num_classes is None:
@@ -270,7 +286,7 @@ def warp_labels(
     for start in range(0, len(values), chunk_size):
         classes = torch.arange(start, min(start + chunk_size, len(values)), device=labels.device)
         onehot = (index == classes.view(1, -1, *([1] * (labels.ndim - 2)))).to(dtype)
-        score, arg = sample_image(onehot, coords, "linear", padding_mode).max(dim=1, keepdim=True)
+        score, arg = _sample(onehot, ddf, "linear", padding_mode, relative=True).max(dim=1, keepdim=True)
         arg = arg + start
         if best_score is None:
             best_score, best_index = score, arg
@@ -306,8 +322,10 @@ def compose_ddf(first: Tensor, second: Tensor, mode: str = "linear") -> Tensor:
     """
     _check_ddf(first)
     _check_ddf(second, first.shape[2:])
-    coords = identity_grid(second.shape[2:], device=second.device, dtype=second.dtype) + second
-    return second + sample_image(first, coords, mode=mode, padding_mode="border")
+    mode = _check_mode(mode)
+    if mode != "cubic" and first.dtype == second.dtype and _fast.applies(first, second):
+        return _fast.sample(first, second, mode, "border", relative=True, residual=True)  # one fused pass
+    return second + _sample(first, second, mode, "border", relative=True)
 
 
 def resize_ddf(ddf: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor:

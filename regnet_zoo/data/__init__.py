@@ -22,6 +22,7 @@ _EXPORTS = {
     "learn2reg": ("Learn2RegDataset", "find_dataset_json", "write_learn2reg_dataset"),
     "transforms": ("PAIR_KEYS", "LoadPaird", "pair_transforms", "pair_collate", "pair_dataloader"),
     "synthetic": ("REGNET_PRESETS", "synthetic_dvf", "random_svf", "deform_pair"),
+    "regnet_crop": ("RegNetSyntheticCropd",),
     "phantom": ("make_phantom_dataset", "default_dataset_dir", "PhantomTemplate", "make_phantom_subject"),
     "download": ("LEARN2REG_TASKS", "download_learn2reg", "download_file", "extract_archive"),
 }

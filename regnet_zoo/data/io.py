@@ -517,12 +517,16 @@ def save_image(
 
 
 def json_ready(value):
-    """``value`` as strict-JSON-ready Python: mapping keys as strings, tuples as lists, numpy / torch
-    scalars as numbers, non-finite floats as None (JSON has no NaN)."""
+    """``value`` as strict-JSON-ready Python: mapping keys as strings, tuples and arrays as lists, numpy /
+    torch scalars as numbers, non-finite floats as None (JSON has no NaN); other objects are kept."""
     if isinstance(value, dict):
         return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_ready(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_ready(value.tolist())
+    if isinstance(value, str):
+        return str(value)  # plain str (e.g. torch.__version__ is a subclass)
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, np.generic):

@@ -12,7 +12,8 @@ when it is used. In order:
 3. **resampling to the working grid** ``image_size`` (:func:`resize_image`): (bi/tri)linear with voxel
    centres corner-aligned (``align_corners=True``: voxel ``0`` and ``n - 1`` of both grids coincide), the
    convention of :func:`regnet_zoo.core.spatial.resize_ddf`, which brings a field predicted on the working
-   grid back. Labels are resampled with nearest neighbour on the same corner-aligned grid
+   grid back; axes that shrink are first Gaussian-smoothed (sigma ``(f - 1) / 2`` voxels for a factor ``f``:
+   anti-aliasing). Labels are resampled with nearest neighbour on the same corner-aligned grid
    (:func:`resize_label`); the image's affine is updated to match (:func:`resized_affine`);
 4. **zero padding** to a multiple of ``pad_multiple`` (:func:`pad_to_multiple`; symmetric, the extra voxel
    after), cropped off the predicted field afterwards.
@@ -22,6 +23,7 @@ when it is used. In order:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from regnet_zoo.core.padding import pad_to_multiple as core_pad_to_multiple
 from regnet_zoo.core.spatial import identity_grid, sample_image
 
 __all__ = [
@@ -141,13 +144,36 @@ def _corner_coords(old: Sequence[int], new: Sequence[int], device, dtype) -> Ten
     return coords * torch.tensor(scale, device=device, dtype=dtype).view(1, -1, *([1] * len(new)))
 
 
+def _antialias(image: Tensor, size: Sequence[int]) -> Tensor:
+    """Gaussian smoothing of ``image`` ``(B, C, *S)`` along the axes that shrink to ``size``: sigma
+    ``(f - 1) / 2`` voxels for a shrink factor ``f`` (as scikit-image's ``resize(anti_aliasing=True)``),
+    replicated border."""
+    out = image
+    for axis, (old, new) in enumerate(zip(image.shape[2:], size, strict=True)):
+        factor = (old - 1) / (new - 1) if new > 1 else float(old)
+        sigma = (factor - 1) / 2
+        if sigma <= 0.1:
+            continue
+        radius = int(math.ceil(3 * sigma))
+        x = torch.arange(-radius, radius + 1, dtype=out.dtype, device=out.device)
+        kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+        kernel = kernel / kernel.sum()
+        moved = torch.movedim(out, axis + 2, -1)
+        shape = moved.shape
+        flat = F.pad(moved.reshape(-1, 1, shape[-1]), (radius, radius), mode="replicate")
+        out = torch.movedim(F.conv1d(flat, kernel.view(1, 1, -1)).reshape(shape), -1, axis + 2)
+    return out
+
+
 def resize_image(image: Tensor, size: Sequence[int]) -> Tensor:
-    """Linear resampling of ``image`` ``(B, C, *S)`` to ``size``, corner-aligned (``align_corners=True``)."""
+    """Linear resampling of ``image`` ``(B, C, *S)`` to ``size``, corner-aligned (``align_corners=True``);
+    axes that shrink are Gaussian-smoothed first (anti-aliasing, :func:`_antialias`)."""
     size = tuple(int(s) for s in size)
     if tuple(image.shape[2:]) == size:
         return image
     mode = "bilinear" if image.ndim == 4 else "trilinear"
-    return F.interpolate(image.float(), size=size, mode=mode, align_corners=True)
+    smoothed = _antialias(image.float(), size)
+    return F.interpolate(smoothed, size=size, mode=mode, align_corners=True)
 
 
 def resize_label(label: Tensor, size: Sequence[int]) -> Tensor:
@@ -172,18 +198,8 @@ def resized_affine(affine: np.ndarray | Tensor, old: Sequence[int], new: Sequenc
 
 def pad_to_multiple(x: Tensor, multiple: int | None) -> tuple[Tensor, tuple[slice, ...]]:
     """Zero-pad ``(B, C, *S)`` symmetrically (the odd voxel after) to a multiple of ``multiple`` (as MONAI's
-    ``DivisiblePad``); the slices that crop back."""
-    sizes = x.shape[2:]
-    if not multiple or multiple <= 1:
-        return x, (slice(None),) * x.ndim
-    pads, crop = [], [slice(None), slice(None)]
-    for n in sizes:
-        total = (-n) % multiple
-        before = total // 2
-        pads.append((before, total - before))
-        crop.append(slice(before, before + n))
-    flat = [p for pair in reversed(pads) for p in pair]  # F.pad wants the last axis first
-    return F.pad(x, flat), tuple(crop)
+    ``DivisiblePad``; ``None``: none); the slices that crop back (``core.padding.pad_to_multiple``)."""
+    return core_pad_to_multiple(x, int(multiple) if multiple and multiple > 1 else 1, centred=True)
 
 
 def network_inputs(

@@ -39,6 +39,7 @@ from regnet_zoo.core.resample import warp_physical
 from regnet_zoo.data.io import check_pair, load_image, load_label, load_landmarks, lps_to_voxel
 from regnet_zoo.data.preprocess import (
     PRE_ALIGN,
+    Preprocessing,
     normalise_intensity,
     resize_image,
     resize_label,
@@ -394,7 +395,17 @@ def pair_transforms(
         chain.append(DivisiblePadd(pad_keys, k=pad_multiple, mode="constant", allow_missing_keys=True))
     chain.append(KeypointsToVoxeld())
     chain.append(CastPaird())
-    return PairCompose(chain)
+    compose = PairCompose(chain)
+    # what the network sees, recorded in trained weights (regnet_zoo.weights)
+    compose.preprocessing = Preprocessing(
+        normalize=normalize,
+        percentiles=percentiles,
+        ct_window=ct_window,
+        image_size=[spatial_size] if isinstance(spatial_size, int) else spatial_size,
+        pad_multiple=pad_multiple,
+        pre_align=pre_align,
+    )
+    return compose
 
 
 def pair_collate(batch: Sequence[Mapping]) -> dict:

@@ -7,12 +7,14 @@ from regnet_zoo.engines.workflows import (
     RegistrationEvaluator,
     RegistrationTrainer,
     prepare_registration_batch,
+    prepare_regnet_batch,
 )
 
 __all__ = [
     "RegistrationTrainer",
     "RegistrationEvaluator",
     "prepare_registration_batch",
+    "prepare_regnet_batch",
     "MeanPairMetric",
     "pair_metrics",
     "aggregate_metrics",

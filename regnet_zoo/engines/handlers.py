@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,8 @@ from regnet_zoo.core.geometry import spacing_from_affine
 from regnet_zoo.core.metrics import jacobian_determinant
 from regnet_zoo.core.spatial import warp_labels
 from regnet_zoo.engines.metrics import aggregate_metrics
+from regnet_zoo.errors import NonFiniteError
+from regnet_zoo.weights import check_finite
 
 __all__ = [
     "pair_names",
@@ -44,6 +44,8 @@ __all__ = [
     "save_weights_file",
     "rng_state",
     "set_rng_state",
+    "ModelSaver",
+    "WeightsLoader",
 ]
 
 logger = logging.getLogger(__name__)
@@ -237,40 +239,13 @@ def spacings_of(batchdata: Mapping[str, Any], batch_size: int, spatial_dims: int
     return [spacing_from_affine(a, spatial_dims) for a in fixed_affines(batchdata, batch_size, spatial_dims)]
 
 
-class NonFiniteError(FloatingPointError):
-    """A non-finite training loss, gradient or weight: training stops, nothing non-finite is written."""
-
-
-def _non_finite_keys(obj: Any, prefix: str = "") -> list[str]:
-    """Keys (dotted paths) of the floating tensors in a nested state dict that hold NaN or inf."""
-    if isinstance(obj, torch.Tensor):
-        return [prefix or "tensor"] if obj.is_floating_point() and not torch.isfinite(obj).all() else []
-    if isinstance(obj, Mapping):
-        return [k for key, v in obj.items() for k in _non_finite_keys(v, f"{prefix}.{key}".lstrip("."))]
-    if isinstance(obj, (list, tuple)):
-        return [k for i, v in enumerate(obj) for k in _non_finite_keys(v, f"{prefix}[{i}]")]
-    return []
-
-
 def save_weights_file(obj: Any, path: str | Path) -> Path:
-    """``torch.save(obj, path)`` atomically (temporary file in the same folder + ``os.replace``), refusing
+    """``torch.save(obj, path)`` atomically (:func:`regnet_zoo.data.io.atomic_write`), refusing
     (:class:`NonFiniteError`, nothing written) when any floating tensor in ``obj`` is NaN or inf."""
-    path = Path(path)
-    bad = _non_finite_keys(obj)
-    if bad:
-        raise NonFiniteError(f"not writing {path.name}: non-finite values in {', '.join(bad[:3])}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader (or a resumed run) sees the old file or the new one, never half
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from regnet_zoo.data.io import atomic_write
+
+    check_finite(obj, Path(path).name)
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp), overwrite=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -425,3 +400,151 @@ class TrainingCheckpoint:
         )
         for _, old in older[: -self.n_saved] if self.n_saved > 0 else []:
             old.unlink(missing_ok=True)
+
+
+class ModelSaver:
+    """Save the trained network as self-describing weights (:mod:`regnet_zoo.weights`) when training ends.
+
+    The file records the network's class and its resolved arguments (``network_config``: in the bundles,
+    ``{arg: '@network_def#arg'}`` so overrides are included), the preprocessing (``transforms``: a
+    :func:`~regnet_zoo.data.transforms.pair_transforms` chain, its ``preprocessing``), what it was trained on
+    (``dataset``: a :class:`~regnet_zoo.data.learn2reg.Learn2RegDataset`; iterations, epochs from the
+    trainer) and versions. When training starts, the recorded arguments are checked to rebuild the trained
+    network (same parameter names and shapes), so a file that could not be used is never written.
+
+    No run silently replaces another run's weights: when ``path`` exists the trainer stops before its first
+    iteration with a ``RegistrationInputError``, unless ``overwrite`` (``regnet-zoo train --overwrite``,
+    bundle key ``overwrite``) or the run resumes (``resume``: it continues the run that wrote them).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        network: torch.nn.Module,
+        method: str,
+        network_config: Mapping[str, Any],
+        transforms: Any = None,
+        dataset: Any = None,
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.network, self.method = network, method
+        self.network_config, self.transforms = dict(network_config), transforms
+        self.dataset, self.overwrite, self.resume = dataset, bool(overwrite), bool(resume)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.check)
+        engine.add_event_handler(Events.COMPLETED, self.save)
+
+    def check(self, engine: Engine | None = None) -> None:
+        """Refuse to train over existing weights; check that the recorded arguments rebuild the network."""
+        from regnet_zoo.errors import RegistrationInputError
+        from regnet_zoo.weights import build_network
+
+        if self.path.exists() and not (self.overwrite or self.resume):
+            raise RegistrationInputError(
+                f"{self.path}: weights of an earlier training run exist; pass --overwrite (bundle key "
+                "overwrite=True) to replace them, or train into another ckpt_dir"
+            )
+        live = self._module().state_dict()
+        rebuilt = build_network(self.metadata(None, with_data=False)).state_dict()
+        if {k: tuple(v.shape) for k, v in rebuilt.items()} != {k: tuple(v.shape) for k, v in live.items()}:
+            raise RegistrationInputError(
+                "ModelSaver: the recorded network_config does not rebuild the trained network (list every "
+                "network_def argument in the ModelSaver's network_config)"
+            )
+
+    def _module(self) -> torch.nn.Module:
+        return self.network.module if hasattr(self.network, "module") else self.network
+
+    def metadata(self, engine: Engine | None = None, with_data: bool = True) -> dict[str, Any]:
+        from regnet_zoo.data.preprocess import Preprocessing
+        from regnet_zoo.weights import weights_metadata
+
+        cls = type(self._module())
+        config = {"_target_": f"{cls.__module__}.{cls.__qualname__}", **self.network_config}
+        prep = getattr(self.transforms, "preprocessing", None) or Preprocessing()
+        trained_on = self._trained_on(engine) if with_data else {}
+        return weights_metadata(self.method, config, prep.to_dict(), trained_on)
+
+    def _trained_on(self, engine: Engine | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if engine is not None:
+            out.update(iterations=int(engine.state.iteration), epochs=int(engine.state.epoch))
+        dataset = self.dataset
+        if dataset is not None and hasattr(dataset, "pairs"):
+            pairs = dataset.pairs("train")
+            out["dataset"] = str(getattr(dataset, "name", ""))
+            out["dataset_dir"] = str(getattr(dataset, "root", ""))
+            out["pairs"] = len(pairs)
+            if pairs:
+                from regnet_zoo.core.geometry import spacing_from_affine
+                from regnet_zoo.data.io import load_image
+
+                first = load_image(pairs[0]["fixed"])
+                out["grid"] = [int(n) for n in first.shape[1:]]
+                out["spacing"] = spacing_from_affine(first.affine, first.ndim - 1)
+        return out
+
+    def save(self, engine: Engine | None = None) -> Path:
+        from regnet_zoo.weights import save_weights
+
+        path = save_weights(self.path, self._module(), self.metadata(engine), overwrite=True)
+        logger.info(f"saved self-describing weights to {path}")
+        return path
+
+
+class WeightsLoader:
+    """``monai.handlers.CheckpointLoader`` for bundle inference that first checks self-describing weights
+    against the config: method, ``spatial_dims`` and the working grid ``image_size`` must be the trained ones
+    (``RegistrationInputError`` otherwise); weights without metadata load with a warning."""
+
+    def __init__(
+        self,
+        load_path: str | Path,
+        load_dict: dict,
+        method: str | None = None,
+        spatial_dims: int | None = None,
+        image_size: Sequence[int] | int | None = None,
+        map_location: Any = None,
+        strict: bool = True,
+    ) -> None:
+        from monai.handlers import CheckpointLoader
+
+        self.load_path, self.method, self.spatial_dims = Path(load_path), method, spatial_dims
+        self.image_size = image_size
+        self.loader = CheckpointLoader(
+            load_path=str(load_path), load_dict=load_dict, map_location=map_location, strict=strict
+        )
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def check(self) -> None:
+        from regnet_zoo.errors import RegistrationInputError
+        from regnet_zoo.weights import check_weights_fit, read_weights
+
+        _, meta = read_weights(self.load_path)
+        if meta is None:
+            logger.warning(
+                f"{self.load_path}: weights without regnet_zoo metadata (a plain state dict): the bundle "
+                "config's network and preprocessing are assumed to be the trained ones"
+            )
+            return
+        check_weights_fit(meta, str(self.load_path), method=self.method, spatial_dims=self.spatial_dims)
+        trained = (meta.get("preprocessing") or {}).get("image_size")
+        size = self.image_size
+        if size is not None and self.spatial_dims and isinstance(size, int):
+            size = [size] * int(self.spatial_dims)
+        if trained and len(trained) == 1 and self.spatial_dims:
+            trained = list(trained) * int(self.spatial_dims)
+        if (list(trained) if trained else None) != (list(size) if size is not None else None):
+            raise RegistrationInputError(
+                f"{self.load_path}: the network was trained with image_size {trained} but the config sets "
+                f"{size}; set image_size={trained}"
+            )
+
+    def __call__(self, engine: Engine) -> None:
+        self.check()
+        self.loader(engine)

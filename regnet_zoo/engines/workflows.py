@@ -26,6 +26,7 @@ from torch import nn
 
 from regnet_zoo.engines.handlers import NonFiniteError, spacings_of
 from regnet_zoo.engines.metrics import pair_metrics
+from regnet_zoo.weights import check_finite
 
 __all__ = ["BATCH_KEYS", "prepare_registration_batch", "RegistrationTrainer", "RegistrationEvaluator"]
 
@@ -49,6 +50,24 @@ def prepare_registration_batch(
         raise ValueError(f"a registration batch is a dict with at least 'fixed' and 'moving', got {keys}")
     batch = {}
     for key in BATCH_KEYS:
+        value = batchdata.get(key)
+        if isinstance(value, torch.Tensor):
+            if isinstance(value, MetaTensor):
+                value = value.as_tensor()
+            batch[key] = value.to(device=device, non_blocking=non_blocking, **kwargs)
+    return batch
+
+
+def prepare_regnet_batch(
+    batchdata: Mapping[str, Any],
+    device: str | torch.device | None = None,
+    non_blocking: bool = False,
+    **kwargs,
+) -> dict[str, torch.Tensor]:
+    """:func:`prepare_registration_batch` plus RegNet's supervision ``ddf_gt`` ``(B, N, *S)`` and
+    ``ddf_mask`` ``(B, 1, *S)`` (from ``regnet_zoo.data.regnet_crop.RegNetSyntheticCropd``)."""
+    batch = prepare_registration_batch(batchdata, device, non_blocking, **kwargs)
+    for key in ("ddf_gt", "ddf_mask"):
         value = batchdata.get(key)
         if isinstance(value, torch.Tensor):
             if isinstance(value, MetaTensor):
@@ -155,10 +174,7 @@ def _check_finite_grads(engine: SupervisedTrainer) -> None:
 
 
 def _check_finite_weights(engine: SupervisedTrainer) -> None:
-    state = engine.network.state_dict()
-    bad = [n for n, p in state.items() if p.is_floating_point() and not p.isfinite().all()]
-    if bad:
-        raise NonFiniteError(f"non-finite weights after training ({', '.join(bad[:3])}); not saved")
+    check_finite(engine.network.state_dict(), "the trained weights")
 
 
 class RegistrationEvaluator(SupervisedEvaluator):

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from regnet_zoo import METHODS, bundle_dir
+from regnet_zoo import METHODS, bundle_dir, bundle_home
 
 __all__ = ["WORK_DIR_NAME", "LabelAppConfig", "available_methods", "parse_models", "parse_weights"]
 
@@ -132,4 +132,4 @@ class LabelAppConfig:
         trained = self.trained_weights(name)
         if trained.is_file():
             return trained
-        return bundle_dir(name) / "models" / "model.pt"
+        return bundle_home(name) / "models" / "model.pt"

@@ -119,10 +119,22 @@ class RegistrationTrainTask(TrainTask):
         )
         if request.get("epochs"):
             overrides["epochs"] = int(request["epochs"])
+        # a new training request replaces the app's model, but never silently: the previous weights are kept
+        # beside it as model_<mtime>.pt and named in the response
+        weights = self.app_config.trained_weights(self.method)
+        previous = None
+        if weights.is_file():
+            previous = weights.with_name(f"model_{weights.stat().st_mtime_ns}.pt")
+            os.replace(weights, previous)
+            logger.info(f"kept the previous {self.method} weights as {previous}")
         logger.info(f"training {self.method} on {count} datastore images: {overrides}")
         start = time.perf_counter()
-        run_bundle(self.method, "train", **overrides)
-        weights = self.app_config.trained_weights(self.method)
+        try:
+            run_bundle(self.method, "train", **overrides)
+        except BaseException:
+            if previous is not None and not weights.exists():
+                os.replace(previous, weights)  # a failed run leaves the old model in place
+            raise
         if not weights.is_file():
             raise RuntimeError(f"training {self.method} finished without writing {weights}")
         return {
@@ -130,5 +142,6 @@ class RegistrationTrainTask(TrainTask):
             "images": count,
             "spatial_dims": spatial_dims,
             "weights": str(weights.relative_to(self.app_config.work_dir)),  # no server paths to clients
+            "previous_weights": previous.name if previous is not None else None,
             "seconds": round(time.perf_counter() - start, 1),
         }

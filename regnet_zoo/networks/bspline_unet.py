@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from regnet_zoo.core.bspline import bspline_ddf, control_grid_shape
-from regnet_zoo.core.losses import curvature_loss, ngf_loss, one_hot_labels
+from regnet_zoo.core.losses import curvature_loss, label_values, ngf_loss, one_hot_labels
+from regnet_zoo.core.padding import pad_to_multiple
 from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
 from regnet_zoo.networks.pair import split_pair
 
@@ -178,11 +179,9 @@ class BSplineUNet(nn.Module):
     def forward(self, fixed: Tensor, moving: Tensor | None = None) -> dict[str, Tensor]:
         fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         shape = tuple(fixed.shape[2:])
-        multiple = 2**self.num_downsamplings
-        pads = [(-n) % multiple for n in shape]
-        pair = torch.cat([fixed, moving], dim=0)  # both streams in one pass: shared weights
-        if any(pads):  # zero-pad at the far end so that feature positions stay stride * index
-            pair = F.pad(pair, [v for p in reversed(pads) for v in (0, p)])
+        # both streams in one pass (shared weights); zero-padded at the far end so that feature positions
+        # stay stride * index
+        pair, _ = pad_to_multiple(torch.cat([fixed, moving], dim=0), 2**self.num_downsamplings)
         for block in self.stream:
             pair = block(pair)
         x = torch.cat(torch.chunk(pair, 2, dim=0), dim=1)
@@ -290,7 +289,7 @@ class BSplineUNetLoss(nn.Module):
         fixed_label, moving_label = batch.get("fixed_label"), batch.get("moving_label")
         use_labels = self.label_weight != 0 and fixed_label is not None and moving_label is not None
         if use_labels:
-            values = torch.unique(torch.cat([fixed_label.flatten(), moving_label.flatten()]))
+            values = label_values(fixed_label, moving_label)
             fixed_onehot = one_hot_labels(fixed_label, values).to(fixed.dtype)
             moving_onehot = one_hot_labels(moving_label, values).to(fixed.dtype)
         total = fixed.new_zeros(())

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from regnet_zoo.core.integration import scaling_and_squaring
-from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, one_hot_labels, soft_dice_loss
+from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, warped_label_dice_loss
+from regnet_zoo.core.padding import replicate_pad
 from regnet_zoo.core.spatial import resize_ddf, warp_image
 from regnet_zoo.networks.pair import split_pair
 from regnet_zoo.networks.unet import RegistrationUNet
@@ -196,15 +197,9 @@ def downsample_image(x: Tensor, size: Sequence[int]) -> Tensor:
         shape = [1] * spatial_dims
         shape[axis] = 3
         weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
-        x = conv(_replicate_pad(x, axis), weight, groups=channels)
+        x = conv(replicate_pad(x, [axis + 2], 1), weight, groups=channels)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
     return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=True)
-
-
-def _replicate_pad(x: Tensor, axis: int) -> Tensor:
-    """Pad spatial ``axis`` of ``x`` by one voxel on each side, repeating the edge."""
-    dim = axis + 2
-    return torch.cat([x.narrow(dim, 0, 1), x, x.narrow(dim, x.shape[dim] - 1, 1)], dim=dim)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -361,10 +356,11 @@ class DDRNet(nn.Module):
         )
         var_g = var_g * scale.to(var_g.device).reshape(1, -1, *([1] * self.spatial_dims))
         log_var = torch.log(0.25 * (var_g + merge_chunks(log_var_c.exp(), layout, weights)))
-        ddf = scaling_and_squaring(svf, self.integration_steps)
-        out["ddf"] = crop_from_layout(ddf, layout)
-        out["warped"] = warp_image(moving, out["ddf"])
+        # integrated on the input grid (not the padded one), as outputs_from_parameters does: the field
+        # then depends on the SVF inside the image only, and instance optimisation reproduces it
         out["velocity"] = crop_from_layout(svf, layout)
+        out["ddf"] = scaling_and_squaring(out["velocity"], self.integration_steps)
+        out["warped"] = warp_image(moving, out["ddf"])
         out["velocity_mean"] = crop_from_layout(mean, layout)
         out["velocity_log_var"] = crop_from_layout(log_var, layout)
         return out
@@ -470,8 +466,6 @@ class DDRNetLoss(nn.Module):
             and batch.get("moving_label") is not None
         ):
             fixed_label, moving_label = batch["fixed_label"], batch["moving_label"]
-            values = torch.unique(torch.cat([fixed_label.flatten(), moving_label.flatten()]))
-            warped_onehot = warp_image(one_hot_labels(moving_label, values), outputs["ddf"])
-            terms["dice"] = soft_dice_loss(warped_onehot, one_hot_labels(fixed_label, values))
+            terms["dice"] = warped_label_dice_loss(outputs["ddf"], fixed_label, moving_label)
             total = total + self.dice_weight * terms["dice"]
         return {"loss": total, **terms}

@@ -35,11 +35,14 @@ from regnet_zoo.core.correlation import correlation_volume, displaced_sum, displ
 from regnet_zoo.core.losses import (
     diffusion_loss,
     global_ncc,
+    label_values,
     lncc_loss,
     mse_loss,
     one_hot_labels,
     soft_dice_loss,
+    warped_label_dice_loss,
 )
+from regnet_zoo.core.padding import pad_to_multiple, replicate_pad
 from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf
 from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.networks.pair import split_pair
@@ -143,17 +146,6 @@ def _grid_side(num_displacements: int, spatial_dims: int) -> int:
     return side
 
 
-def _replicate_pad(x: torch.Tensor, dims: Sequence[int], pad: int) -> torch.Tensor:
-    """Repeat the first / last slice ``pad`` times along each of ``dims``."""
-    if pad == 0:
-        return x
-    for dim in dims:
-        first = x.narrow(dim, 0, 1).expand(*[pad if d == dim else -1 for d in range(x.ndim)])
-        last = x.narrow(dim, x.shape[dim] - 1, 1).expand(*[pad if d == dim else -1 for d in range(x.ndim)])
-        x = torch.cat([first, x, last], dim=dim)
-    return x
-
-
 def _box(x: torch.Tensor, dims: Sequence[int], kernel: int, mode: str) -> torch.Tensor:
     """Valid (unpadded) stride-1 box mean or max with a ``kernel``-wide window along each of ``dims``.
 
@@ -186,7 +178,7 @@ def approximate_min_convolution(cost: torch.Tensor, avg_kernel: int = 5, min_ker
     side = _grid_side(num, spatial_dims)
     pad = (avg_kernel - 1) + (min_kernel - 1) // 2
     displacement_dims = list(range(1, spatial_dims + 1))
-    x = _replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
+    x = replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
     x = _box(_box(x, displacement_dims, avg_kernel, "mean"), displacement_dims, avg_kernel, "mean")
     x = -_box(-x, displacement_dims, min_kernel, "max")
     return x.reshape(b, num, *size)
@@ -196,7 +188,7 @@ def mean_field_smoothing(cost: torch.Tensor, kernel: int = 5, iterations: int = 
     """Mean-field-like spatial smoothing: ``iterations`` box means (``kernel``, stride 1) of every
     displacement channel of ``cost`` ``(B, L, *S)`` after replicate padding (same shape)."""
     spatial = list(range(2, cost.ndim))
-    x = _replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
+    x = replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
     for _ in range(iterations):
         x = _box(x, spatial, kernel, "mean")
     return x
@@ -223,14 +215,6 @@ def nonlocal_label_transfer(
 # ------------------------------------------------------------------------------------------------------------
 # network
 # ------------------------------------------------------------------------------------------------------------
-def _pad_to_multiple(image: torch.Tensor, multiple: int) -> torch.Tensor:
-    """Replicate-pad the end of every spatial axis to a multiple of ``multiple``."""
-    pads = [(-s) % multiple for s in image.shape[2:]]
-    if not any(pads):
-        return image
-    return F.pad(image, [v for p in reversed(pads) for v in (0, p)], mode="replicate")
-
-
 class DiscreteCorrNet(nn.Module):
     """Discrete correlation registration network, 2D or 3D.
 
@@ -318,7 +302,7 @@ class DiscreteCorrNet(nn.Module):
         fixed, moving = split_pair(fixed, moving, self.spatial_dims, self.in_channels)
         batch = fixed.shape[0]
         # one pass over both images so that batch normalisation sees the pair together
-        both = _pad_to_multiple(torch.cat([fixed, moving], dim=0), self.stride)
+        both, _ = pad_to_multiple(torch.cat([fixed, moving], dim=0), self.stride, mode="replicate")
         feats = self.features(both)
         cost = self.regularised_cost(feats[:batch], feats[batch:])
         probabilities = torch.softmax(-self.softmax_scale * cost, dim=1)
@@ -342,10 +326,6 @@ class DiscreteCorrNet(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # loss
 # ------------------------------------------------------------------------------------------------------------
-def _label_values(fixed_label: torch.Tensor, moving_label: torch.Tensor) -> torch.Tensor:
-    return torch.unique(torch.cat([fixed_label.flatten(), moving_label.flatten()]))
-
-
 def _grid_stride(size: Sequence[int], grid: Sequence[int]) -> int:
     """The power-of-two stride ``s`` with ``ceil(size / s) == grid`` on every axis."""
     for levels in range(16):
@@ -441,17 +421,17 @@ class DiscreteCorrLoss(nn.Module):
         fixed_label, moving_label = batch.get("fixed_label"), batch.get("moving_label")
         has_labels = fixed_label is not None and moving_label is not None
         if has_labels and self.label_weight > 0:
-            values = _label_values(fixed_label, moving_label)
-            fixed_onehot = one_hot_labels(fixed_label, values)
-            moving_onehot = one_hot_labels(moving_label, values)
             if self.label_loss == "nonlocal" and "probabilities" in outputs:
+                values = label_values(fixed_label, moving_label)
+                fixed_onehot = one_hot_labels(fixed_label, values)
+                moving_onehot = one_hot_labels(moving_label, values)
                 label = self._nonlocal_term(outputs["probabilities"], fixed_onehot, moving_onehot)
             else:
-                warped_onehot = warp_image(moving_onehot, outputs["ddf"])
-                label = soft_dice_loss(
-                    warped_onehot, fixed_onehot, include_background=self.include_background
+                label = warped_label_dice_loss(
+                    outputs["ddf"], fixed_label, moving_label, include_background=self.include_background
                 )
-            terms["label"] = self.label_weight * label
+            if label is not None:
+                terms["label"] = self.label_weight * label
         if self.image_weight > 0 and (not has_labels or self.image_with_labels):
             terms["image"] = self.image_weight * self._image_term(outputs["warped"], fixed)
         field = outputs.get("ddf_coarse", outputs["ddf"])

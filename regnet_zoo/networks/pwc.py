@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from regnet_zoo.core.correlation import correlation_volume
-from regnet_zoo.core.losses import diffusion_loss, global_ncc, lncc_loss, one_hot_labels, soft_dice_loss
+from regnet_zoo.core.losses import diffusion_loss, global_ncc, lncc_loss, warped_label_dice_loss
 from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf, upsample_ddf_from_level
 from regnet_zoo.core.spatial import compose_ddf, warp_image
 from regnet_zoo.networks.pair import split_pair
@@ -419,12 +419,10 @@ class PWCLoss(nn.Module):
             and batch.get("fixed_label") is not None
             and batch.get("moving_label") is not None
         ):
-            fixed_label, moving_label = batch["fixed_label"], batch["moving_label"]
-            values = torch.unique(torch.cat([fixed_label.flatten(), moving_label.flatten()]))
-            values = values[values != 0]  # foreground structures only
-            if len(values) > 0:
-                warped_onehot = warp_image(one_hot_labels(moving_label, values), deform[0])
-                dice_loss = soft_dice_loss(warped_onehot, one_hot_labels(fixed_label, values))
+            dice_loss = warped_label_dice_loss(  # foreground structures only
+                deform[0], batch["fixed_label"], batch["moving_label"], include_background=False
+            )
+            if dice_loss is not None:
                 terms["segmentation"] = self.lambda_dice * dice_loss
         terms["loss"] = sum(terms.values())
         return terms

@@ -28,11 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.layers.factories import Act, Conv, Norm, Pool
-from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
 from regnet_zoo.core.spatial import warp_image
-from regnet_zoo.data.synthetic import REGNET_PRESETS, deform_pair, spacing_of
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -42,8 +40,6 @@ __all__ = [
     "CONTEXT_AFTER",
     "RegNet",
     "RegNetLoss",
-    "RegNetSyntheticCropd",
-    "prepare_regnet_batch",
     "extract_patches",
     "dvf_mae",
 ]
@@ -98,7 +94,8 @@ class RegNet(nn.Module):
         skip_crop_border: in training mode only, predict just the voxels whose whole context lies inside the
             input (``ddf`` is zero in the 27 / 26-voxel border): training crops then cost ``L^N`` rather
             than ``(L + 53)^N``; the loss must ignore that border (``ddf_mask`` of
-            :class:`RegNetSyntheticCropd` does). Evaluation mode always predicts every voxel.
+            ``regnet_zoo.data.regnet_crop.RegNetSyntheticCropd`` does). Evaluation mode always predicts
+            every voxel.
             Tiles overlap by the 53-voxel context, the result does not depend on the tiling in eval mode.
     """
 
@@ -422,129 +419,3 @@ class RegNetLoss(nn.Module):
         terms = {"loss": total, "mae": total.detach()}
         terms.update({f"mae_axis{i}": v.detach() for i, v in enumerate(per_axis)})
         return terms
-
-
-class RegNetSyntheticCropd(Randomizable, MapTransform):
-    """One image -> a supervised RegNet training crop (Sokooti et al. 2017, Sect. 2.2 and 3.2).
-
-    Per call: with probability ``deform_moving_prob`` the image is first deformed by a low-frequency field
-    (preset ``"moving"``: sigma 35 mm, P 100, theta 8 mm, noise ``moving_noise_std``): a new moving image;
-    then a field of a random preset among ``presets`` (low / medium / high frequency) deforms the moving image
-    into the fixed image (cubic B-spline, noise ``fixed_noise_std``); every axis is flipped with probability
-    ``flip_prob`` (the flipped DDF component changes sign); Gaussian noise ``augment_noise_std`` is added to
-    both images; finally a ``crop_size``^N crop is cut around a random centre (inside the mask
-    ``data[mask_key]`` when the item has one); where the crop reaches past the image, the images are extended
-    by edge replication (as :class:`RegNet` pads at inference) and nothing there is supervised.
-
-    Output dict: ``fixed``, ``moving`` ``(C, *crop)``, ``ddf_gt`` ``(N, *crop)`` (voxel units, README
-    convention), ``ddf_mask`` ``(1, *crop)``: the supervised voxels (inside the image and the mask, and at
-    least ``margin`` voxels from the crop border, so that the network's context lies inside the crop).
-    Noise levels are in image intensity units (the paper's 5 and 3 HU were on CT; here images are 0..1).
-    ``dvf_overrides`` (``sigma``, ``n_points``, ``theta``) replace the preset values of the fixed-image field.
-    """
-
-    def __init__(
-        self,
-        image_key: str = "moving",
-        mask_key: str | None = None,
-        crop_size: int | Sequence[int] = 96,
-        margin: int = CONTEXT_BEFORE,
-        presets: Sequence[str] = ("low", "medium", "high"),
-        deform_moving_prob: float = 0.5,
-        fixed_noise_std: float = 0.005,
-        moving_noise_std: float = 0.003,
-        augment_noise_std: float = 0.005,
-        flip_prob: float = 0.5,
-        spacing: Sequence[float] | float | None = None,
-        dvf_overrides: Mapping[str, float] | None = None,
-    ) -> None:
-        keys = [image_key] + ([mask_key] if mask_key else [])
-        MapTransform.__init__(self, keys, allow_missing_keys=True)
-        unknown = [p for p in presets if p not in REGNET_PRESETS]
-        if unknown or not presets:
-            raise ValueError(f"unknown presets {unknown}; choose among {sorted(REGNET_PRESETS)}")
-        self.image_key, self.mask_key = image_key, mask_key
-        self.crop_size, self.margin, self.presets = crop_size, margin, list(presets)
-        self.deform_moving_prob, self.flip_prob = deform_moving_prob, flip_prob
-        self.fixed_noise_std, self.moving_noise_std = fixed_noise_std, moving_noise_std
-        self.augment_noise_std, self.spacing = augment_noise_std, spacing
-        self.dvf_overrides = dict(dvf_overrides or {})
-
-    def randomize(self, data=None) -> None:  # all draws happen in __call__ from self.R
-        pass
-
-    def _generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(int(self.R.randint(0, 2**31 - 1)))
-
-    def __call__(self, data: Mapping) -> dict[str, torch.Tensor]:
-        image = data[self.image_key]
-        n = image.ndim - 1
-        if n not in (2, 3):
-            raise ValueError(
-                f"{self.image_key}: expected a channel-first 2D or 3D image, got {tuple(image.shape)}"
-            )
-        spacing = spacing_of(image, n, self.spacing).tolist()
-        if self.R.rand() < self.deform_moving_prob:
-            image = deform_pair(
-                image,
-                preset="moving",
-                spacing=spacing,
-                noise_std=self.moving_noise_std,
-                generator=self._generator(),
-            )["fixed"]
-        pair = deform_pair(
-            image,
-            preset=self.presets[self.R.randint(len(self.presets))],
-            spacing=spacing,
-            noise_std=self.fixed_noise_std,
-            generator=self._generator(),
-            **self.dvf_overrides,
-        )
-        fixed, moving, ddf = pair["fixed"], pair["moving"], pair["ddf"]
-        valid = torch.ones_like(fixed[:1])
-        if self.mask_key is not None and data.get(self.mask_key) is not None:
-            mask = torch.as_tensor(np.asarray(data[self.mask_key]))[:1] != 0
-            if mask.shape[1:] != fixed.shape[1:] or not mask.any():
-                raise ValueError(f"{self.mask_key}: the mask must match the image grid and select a voxel")
-            valid = mask.to(fixed.dtype)
-        for axis in range(n):
-            if self.R.rand() < self.flip_prob:
-                fixed, moving, ddf, valid = (t.flip(axis + 1) for t in (fixed, moving, ddf, valid))
-                ddf[axis] = -ddf[axis]
-        if self.augment_noise_std > 0:
-            gen = self._generator()
-            fixed = fixed + self.augment_noise_std * torch.randn(fixed.shape, generator=gen)
-            moving = moving + self.augment_noise_std * torch.randn(moving.shape, generator=gen)
-        return self._crop(fixed, moving, ddf, valid, n)
-
-    def _crop(self, fixed, moving, ddf, valid, n: int) -> dict[str, torch.Tensor]:
-        size = [int(self.crop_size)] * n if np.isscalar(self.crop_size) else [int(s) for s in self.crop_size]
-        candidates = torch.nonzero(valid[0] > 0)
-        centre = candidates[self.R.randint(len(candidates))].tolist()
-        starts = [c - z // 2 for c, z in zip(centre, size, strict=True)]
-        pad: list[int] = []
-        for s, z, shape in reversed(list(zip(starts, size, fixed.shape[1:], strict=True))):
-            pad += [max(0, -s), max(0, s + z - shape)]
-        shifted = [s + max(0, -s) for s in starts]
-        out = {}
-        for key, value in (("fixed", fixed), ("moving", moving), ("ddf_gt", ddf), ("ddf_mask", valid)):
-            # images beyond the image border: edge values, as dense inference pads them (RegNet.padding_mode)
-            mode = "replicate" if key in ("fixed", "moving") and any(pad) else "constant"
-            out[key] = _crop(F.pad(value, pad, mode=mode), shifted, size).contiguous()
-        inner = torch.zeros_like(out["ddf_mask"])
-        inner[(slice(None),) + tuple(slice(self.margin, z - self.margin) for z in size)] = 1
-        out["ddf_mask"] = out["ddf_mask"] * inner
-        return out
-
-
-def prepare_regnet_batch(batchdata: Mapping, device=None, non_blocking: bool = False, **kwargs) -> dict:
-    """The trainer's batch preparation plus RegNet's supervision keys ``ddf_gt`` and ``ddf_mask``."""
-    from regnet_zoo.engines.workflows import prepare_registration_batch
-
-    batch = prepare_registration_batch(batchdata, device, non_blocking, **kwargs)
-    for key in ("ddf_gt", "ddf_mask"):
-        value = batchdata.get(key)
-        if isinstance(value, torch.Tensor):
-            value = value.as_tensor() if hasattr(value, "as_tensor") else value
-            batch[key] = value.to(device=device, non_blocking=non_blocking, **kwargs)
-    return batch

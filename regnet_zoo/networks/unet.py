@@ -14,25 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regnet_zoo.core.padding import pad_to_multiple
+
 
 def conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
     """3x3(x3) convolution + LeakyReLU(0.2), the VoxelMorph building block."""
     conv = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
     return nn.Sequential(conv(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, list[slice]]:
-    """Zero-pad the spatial axes of ``x`` (B, C, *S) at their end to a multiple of ``multiple``.
-
-    Returns the padded tensor and the slices (one per spatial axis) that crop it back.
-    """
-    size = x.shape[2:]
-    pads = [(-s) % multiple for s in size]
-    crop = [slice(0, s) for s in size]
-    if any(pads):
-        # F.pad takes (last axis first) pairs
-        x = F.pad(x, [v for p in reversed(pads) for v in (0, p)])
-    return x, crop
 
 
 class RegistrationUNet(nn.Module):
@@ -96,4 +84,4 @@ class RegistrationUNet(nn.Module):
             y = torch.cat([y, skip], dim=1)
         for block in self.extra:
             y = block(y)
-        return y[(slice(None), slice(None), *crop)]
+        return y[crop]
