@@ -116,7 +116,8 @@ def test_loss_terms_match_analytic_values():
         x0 = torch.arange(size[0], dtype=torch.float32).view(-1, 1).expand(size)
         ddfs.append(torch.stack([c * x0**2, torch.zeros(size)])[None])
     weights = dict(ngf_weight=1.5, curvature_weight=7.0, label_weight=3.0, level_weights=(1.0, 0.5, 0.25))
-    loss = BSplineUNetLoss(voxel_size=voxel_size, ngf_eps=0.1, **weights)
+    units = (2.0, 0.5, 0.25)  # term units multiply the weights
+    loss = BSplineUNetLoss(voxel_size=voxel_size, ngf_eps=0.1, term_scales=units, **weights)
     batch = dict(fixed=fixed, moving=moving, fixed_label=fixed_label, moving_label=moving_label)
     terms = loss(_level_outputs(ddfs, moving), batch)
     total = 0.0
@@ -129,7 +130,9 @@ def test_loss_terms_match_analytic_values():
         expected_ngf = ngf_loss(warped, downsample_to_level(fixed, level), eps=0.1 * h)
         torch.testing.assert_close(terms[f"ngf{suffix}"], expected_ngf)
         total += weights["level_weights"][level] * (
-            1.5 * terms[f"ngf{suffix}"] + 7.0 * terms[f"curvature{suffix}"] + 3.0 * terms[f"label{suffix}"]
+            1.5 * 2.0 * terms[f"ngf{suffix}"]
+            + 7.0 * 0.5 * terms[f"curvature{suffix}"]
+            + 3.0 * 0.25 * terms[f"label{suffix}"]
         )
     torch.testing.assert_close(terms["loss"], total)
 
@@ -161,29 +164,28 @@ def test_loss_without_labels_and_perfect_match():
 
 
 # ----------------------------------------------------------------------------------------------------
-# training on real data: axial slices of the OASIS pair (two subjects, FreeSurfer labels)
+# training on real data: axial slices of the two labelled OASIS subjects, subject-disjoint
 # ----------------------------------------------------------------------------------------------------
-def oasis_slice_pairs(root, slices, factor: int = 4) -> tuple[torch.Tensor, ...]:
-    """Axial slices ``k`` (array axis 1) of both OASIS subjects, both directions, downsampled by ``factor``.
+def oasis_slice_pairs(root, subject: int, slices, gap: int = 5, factor: int = 4) -> tuple[torch.Tensor, ...]:
+    """Pairs of axial slices ``(k, k + gap)`` and ``(k + gap, k)`` (array axis 1) of one OASIS subject,
+    area-downsampled by ``factor`` (the protocol of ``benchmarks/bspline_unet_bench.py``).
 
     Returns fixed, moving ``(P, 1, H, W)`` and their label maps (nearest: every ``factor``-th voxel).
     """
     folder = root / "oasis3d_pair"
-    images = [
-        nib.load(folder / f"imagesTr/OASIS_000{i}_0000.nii.gz").get_fdata(dtype=np.float32) for i in (1, 2)
-    ]
-    labels = [np.asarray(nib.load(folder / f"labelsTr/OASIS_000{i}_0000.nii.gz").dataobj) for i in (1, 2)]
+    image = nib.load(folder / f"imagesTr/OASIS_000{subject}_0000.nii.gz").get_fdata(dtype=np.float32)
+    label = np.asarray(nib.load(folder / f"labelsTr/OASIS_000{subject}_0000.nii.gz").dataobj)
 
     def cut(volume, k):
         return torch.from_numpy(np.ascontiguousarray(volume[:, k]))[None, None]
 
     fixed, moving, fixed_label, moving_label = [], [], [], []
     for k in slices:
-        for a, b in ((0, 1), (1, 0)):
-            fixed.append(F.avg_pool2d(cut(images[a], k), factor))
-            moving.append(F.avg_pool2d(cut(images[b], k), factor))
-            fixed_label.append(cut(labels[a], k)[..., ::factor, ::factor].long())
-            moving_label.append(cut(labels[b], k)[..., ::factor, ::factor].long())
+        for a, b in ((k, k + gap), (k + gap, k)):
+            fixed.append(F.avg_pool2d(cut(image, a), factor))
+            moving.append(F.avg_pool2d(cut(image, b), factor))
+            fixed_label.append(cut(label, a)[..., ::factor, ::factor].long())
+            moving_label.append(cut(label, b)[..., ::factor, ::factor].long())
     return tuple(torch.cat(x) for x in (fixed, moving, fixed_label, moving_label))
 
 
@@ -195,23 +197,27 @@ def mean_dice(fixed_label: torch.Tensor, warped_label: torch.Tensor, moving_labe
     return float(np.mean(per_pair))
 
 
-def test_training_on_oasis_slices_raises_dice(shared_data):
+def test_ngf_alone_raises_dice_on_a_held_out_subject(shared_data):
+    """Without labels (beta = 0: NGF + curvature, the paper's weights in the calibrated term units) the
+    network trained on subject 1's slice pairs raises the Dice of subject 2's pairs (never seen) over the
+    identity; labels are used for evaluation only. Paper (Table 1, beta x0): 81.9 % vs ~78 % unregistered.
+    Measured here (200 steps, ~30 s of CPU): 0.472 -> 0.488; with the literal units (term_scales 1, 1, 1)
+    the network stays at the identity."""
     torch.set_num_threads(1)
-    train = oasis_slice_pairs(shared_data, range(70, 120, 3))
-    held_out = oasis_slice_pairs(shared_data, range(71, 120, 6))  # slices not trained on
+    train = oasis_slice_pairs(shared_data, 1, range(60, 130, 2))
+    held_out = oasis_slice_pairs(shared_data, 2, range(60, 130, 6))
+    torch.manual_seed(0)
     net = BSplineUNet(2)
-    loss_fn = BSplineUNetLoss()  # the paper's weights
+    loss_fn = BSplineUNetLoss(label_weight=0.0)
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    for _ in range(40):
-        idx = torch.randperm(len(train[0]), generator=generator)[:4]
-        batch = dict(
-            zip(("fixed", "moving", "fixed_label", "moving_label"), (t[idx] for t in train), strict=True)
-        )
-        terms = loss_fn(net(batch["fixed"], batch["moving"]), batch)
+    for _ in range(200):
+        idx = torch.randperm(len(train[0]), generator=generator)[:8]
+        terms = loss_fn(net(train[0][idx], train[1][idx]), {"fixed": train[0][idx], "moving": train[1][idx]})
         optimiser.zero_grad()
         terms["loss"].backward()
         optimiser.step()
+    assert not any(key.startswith("label") for key in terms)
     net.eval()
     with torch.no_grad():
         ddf = net(held_out[0], held_out[1])["ddf"]
@@ -219,9 +225,7 @@ def test_training_on_oasis_slices_raises_dice(shared_data):
     before = mean_dice(fixed_label, moving_label, moving_label)
     after = mean_dice(fixed_label, warp_labels(moving_label, ddf), moving_label)
     folding = folding_fraction(jacobian_determinant(ddf))
-    print(
-        f"held-out Dice {before:.4f} -> {after:.4f}, folding {folding:.3f} %, max |u| {ddf.abs().max():.2f}"
-    )
-    assert ddf.abs().max() > 0.5  # it did move
+    print(f"held-out Dice {before:.4f} -> {after:.4f}, folding {folding:.3f} %")
+    assert ddf.abs().max() > 1.0  # it did move
     assert after > before + 0.01, (before, after)
     assert folding < 0.5, folding

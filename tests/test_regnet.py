@@ -99,6 +99,68 @@ def test_dense_inference_equals_patch_network(dims, shape, tile):
     torch.testing.assert_close(interpolated[0, :, 1 : 2 * odd_count : 2], mid)
 
 
+def test_border_padding_uses_real_context_and_keeps_the_interior():
+    """Dense inference extends the image by edge replication (no artificial zero frame in the border
+    contexts); voxels whose whole 54-voxel context lies inside the image do not depend on the padding."""
+    net = _randomise_batch_norm(RegNet(2, **SMALL))
+    assert net.padding_mode == "replicate"
+    fixed, moving = torch.rand(1, 1, 64, 61) + 0.5, torch.rand(1, 1, 64, 61) + 0.5
+    with torch.no_grad():
+        replicated = net(fixed, moving)["ddf"]
+        net.padding_mode = "constant"
+        zero_padded = net(fixed, moving)["ddf"]
+        net.padding_mode = "replicate"
+        border = torch.tensor([[0, 0], [63, 60], [5, 40], [30, 2]])
+        patches = extract_patches(fixed, moving, border)
+        per_patch = net.forward_patches(*patches)
+    inner = slice(CONTEXT_BEFORE, -CONTEXT_AFTER)
+    interior = (slice(None), slice(None), inner, inner)
+    torch.testing.assert_close(replicated[interior], zero_padded[interior])
+    assert (replicated - zero_padded).abs().amax() > 1e-5  # the border does see the padding
+    assert min(p.min().item() for p in patches) >= 0.5  # every context value is a real image value
+    at_border = torch.stack([replicated[(0, slice(None), *c)] for c in border.tolist()])
+    torch.testing.assert_close(at_border, per_patch, atol=1e-5, rtol=1e-4)
+
+
+def test_single_scale_ablation_sees_only_the_29_voxel_patch():
+    """multi_scale=False (the paper's "RegNet 1Scale"): no context path, dense == patch network, and the
+    prediction at c depends on the fixed image only in c-14 .. c+13 (the 29-voxel patch less the voxel the
+    2x pooling drops)."""
+    net = _randomise_batch_norm(RegNet(2, multi_scale=False, **SMALL))
+    assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in RegNet(2, **SMALL).parameters())
+    assert not hasattr(net, "low_res_path")
+    fixed, moving = torch.rand(1, 1, 41, 37), torch.rand(1, 1, 41, 37)
+    centres = torch.tensor([[0, 0], [40, 36], [20, 11], [7, 30]])
+    with torch.no_grad():
+        dense = net(fixed, moving)["ddf"]
+        per_patch = net.forward_patches(*extract_patches(fixed, moving, centres))
+    torch.testing.assert_close(
+        torch.stack([dense[(0, slice(None), *c)] for c in centres.tolist()]), per_patch, atol=1e-5, rtol=1e-4
+    )
+    image = torch.rand(1, 1, 70, 70, requires_grad=True)
+    c = 35
+    net(image, torch.rand(1, 1, 70, 70))["ddf"][0, :, c, c].sum().backward()
+    support = image.grad[0, 0].abs().sum(1).nonzero().flatten()
+    half = HIGH_RES_PATCH // 2
+    assert (support.min().item(), support.max().item()) == (c - half, c + half - 1)
+
+
+def test_synthetic_crop_extends_images_by_their_edge_values():
+    """A crop reaching past the image: images hold edge values there (as dense inference pads), never zeros;
+    only voxels inside the image are supervised."""
+    image = torch.rand(1, 40, 40) + 1.0
+    transform = RegNetSyntheticCropd(
+        image_key="image", crop_size=80, margin=0, deform_moving_prob=0.0, flip_prob=0.0
+    )
+    transform.augment_noise_std = 0.0
+    transform.set_random_state(0)
+    out = transform({"image": image})
+    assert out["moving"].shape == (1, 80, 80)
+    assert torch.isin(out["moving"], image).all()  # the moving image unchanged, extended by its own values
+    assert out["fixed"].min() > 0.5  # no zero frame in the deformed image either
+    assert out["ddf_mask"].sum() == 40 * 40  # exactly the image's voxels are supervised
+
+
 def test_extract_patches_are_centred():
     image = torch.arange(40 * 33, dtype=torch.float32).reshape(1, 1, 40, 33)
     centres = torch.tensor([[5, 7], [39, 0], [20, 16]])

@@ -28,7 +28,9 @@ class RegNetSyntheticCropd(Randomizable, MapTransform):
     into the fixed image (cubic B-spline, noise ``fixed_noise_std``); every axis is flipped with probability
     ``flip_prob`` (the flipped DDF component changes sign); Gaussian noise ``augment_noise_std`` is added to
     both images; finally a ``crop_size``^N crop is cut around a random centre (inside the mask
-    ``data[mask_key]`` when the item has one).
+    ``data[mask_key]`` when the item has one); where the crop reaches past the image, the images are extended
+    by edge replication (as :class:`~regnet_zoo.networks.regnet.RegNet` pads at inference) and nothing there
+    is supervised.
 
     Output dict: ``fixed``, ``moving`` ``(C, *crop)``, ``ddf_gt`` ``(N, *crop)`` (voxel units, README
     convention), ``ddf_mask`` ``(1, *crop)``: the supervised voxels (inside the image and the mask, and at
@@ -123,7 +125,9 @@ class RegNetSyntheticCropd(Randomizable, MapTransform):
         out = {}
         for key, value in (("fixed", fixed), ("moving", moving), ("ddf_gt", ddf), ("ddf_mask", valid)):
             window = (slice(None),) + tuple(slice(s, s + z) for s, z in zip(shifted, size, strict=True))
-            out[key] = F.pad(value, pad)[window].contiguous()
+            # images beyond the image border: edge values, as dense inference pads them (RegNet.padding_mode)
+            mode = "replicate" if key in ("fixed", "moving") and any(pad) else "constant"
+            out[key] = F.pad(value, pad, mode=mode)[window].contiguous()
         inner = torch.zeros_like(out["ddf_mask"])
         inner[(slice(None),) + tuple(slice(self.margin, z - self.margin) for z in size)] = 1
         out["ddf_mask"] = out["ddf_mask"] * inner

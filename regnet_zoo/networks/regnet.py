@@ -8,6 +8,11 @@ run fully convolutionally: :meth:`RegNet.dense_valid` evaluates the patch networ
 at once (shift-and-stitch over the 2^N pooling phases), exactly equal to :meth:`RegNet.forward_patches`
 on the patches around each voxel.
 
+Borders (dense inference): the image is extended by 27 / 26 voxels by edge replication (``padding_mode``
+``"replicate"``), so the context of a border voxel holds real image values, never an artificial black frame;
+voxels whose whole context lies inside the image do not depend on the padding at all.
+``multi_scale=False`` is the paper's single-scale ablation ("RegNet 1Scale"): the 29^N patch path alone.
+
 Geometry (per axis, patch centred at voxel ``c``): the original patch is ``c-14 .. c+14`` (its last voxel is
 dropped by the floor of the max pooling, as in the paper's network), the context patch is ``c-27 .. c+26``
 averaged in 2-voxel blocks; both feature maps then sit on the same half-voxel grid, so they align exactly.
@@ -79,7 +84,9 @@ class RegNet(nn.Module):
         low_res_channels: widths of the 6 conv layers of the downsampled path after fusion.
         merged_channels: widths of the 4 conv layers after the two paths are concatenated.
         fc_channels: width of the first fully connected layer (the second outputs the N-vector).
-        padding_mode: how images are padded at their border for dense inference (``F.pad`` mode).
+        multi_scale: ``False``: the paper's single-scale ablation (no 54^N context path; the 29^N patch only).
+        padding_mode: how images are extended beyond their border for dense inference (``F.pad`` mode;
+            ``"replicate"``: edge values, so border contexts hold real intensities; ``"constant"``: zeros).
         dense_mode: ``"exact"`` evaluates every voxel (2^N pooling phases), ``"interpolate"`` evaluates the
             even voxels only and interpolates linearly in between (about 2^N times less merged-path work).
         tile_size: output tile size for dense inference (an int for every axis or one per axis, rounded up
@@ -101,10 +108,11 @@ class RegNet(nn.Module):
         low_res_channels: Sequence[int] = (25, 25, 25, 30, 30, 30),
         merged_channels: Sequence[int] = (60, 70, 75, 150),
         fc_channels: int = 150,
-        padding_mode: str = "constant",
+        padding_mode: str = "replicate",
         dense_mode: str = "exact",
         tile_size: int | Sequence[int] | None = None,
         skip_crop_border: bool = False,
+        multi_scale: bool = True,
     ) -> None:
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -121,15 +129,19 @@ class RegNet(nn.Module):
         self.dense_mode = dense_mode
         self.tile_size = tile_size
         self.skip_crop_border = skip_crop_border
+        self.multi_scale = multi_scale
         stem = [stem_channels] * _STEM_LAYERS
         self.fixed_stem = _conv_stack(spatial_dims, in_channels, stem)
         self.moving_stem = _conv_stack(spatial_dims, in_channels, stem)
-        self.fixed_stem_low = _conv_stack(spatial_dims, in_channels, stem)
-        self.moving_stem_low = _conv_stack(spatial_dims, in_channels, stem)
         self.high_res_path = _conv_stack(spatial_dims, 2 * stem_channels, high_res_channels)
-        self.low_res_path = _conv_stack(spatial_dims, 2 * stem_channels, low_res_channels)
+        merged_in = high_res_channels[-1]
+        if multi_scale:
+            self.fixed_stem_low = _conv_stack(spatial_dims, in_channels, stem)
+            self.moving_stem_low = _conv_stack(spatial_dims, in_channels, stem)
+            self.low_res_path = _conv_stack(spatial_dims, 2 * stem_channels, low_res_channels)
+            merged_in += low_res_channels[-1]
         self.pool = Pool[Pool.MAX, spatial_dims](kernel_size=2, stride=2)
-        self.merged = _conv_stack(spatial_dims, high_res_channels[-1] + low_res_channels[-1], merged_channels)
+        self.merged = _conv_stack(spatial_dims, merged_in, merged_channels)
         # the two fully connected layers, as 1^N convolutions so that the network slides over whole images
         self.fully_connected = nn.Sequential(
             _conv_stack(spatial_dims, merged_channels[-1], [fc_channels], kernel_size=1),
@@ -148,8 +160,9 @@ class RegNet(nn.Module):
             torch.cat([self.fixed_stem_low(fixed_low), self.moving_stem_low(moving_low)], 1)
         )
 
-    def _regress(self, pooled_high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
-        return self.fully_connected(self.merged(torch.cat([pooled_high, low], dim=1)))
+    def _regress(self, pooled_high: torch.Tensor, low: torch.Tensor | None) -> torch.Tensor:
+        merged_in = pooled_high if low is None else torch.cat([pooled_high, low], dim=1)
+        return self.fully_connected(self.merged(merged_in))
 
     def _downsample(self, image: torch.Tensor) -> torch.Tensor:
         return F.avg_pool3d(image, 2) if self.spatial_dims == 3 else F.avg_pool2d(image, 2)
@@ -172,6 +185,8 @@ class RegNet(nn.Module):
                 f"got {tuple(fixed_patch.shape[2:])} and {tuple(fixed_context.shape[2:])}"
             )
         pooled = self.pool(self._high_res_features(fixed_patch, moving_patch))
+        if not self.multi_scale:  # single-scale ablation: the context patches are not used
+            return self._regress(pooled, None).flatten(1)
         low = self._low_res_features(self._downsample(fixed_context), self._downsample(moving_context))
         return self._regress(pooled, low).flatten(1)
 
@@ -189,6 +204,13 @@ class RegNet(nn.Module):
         offsets = [1 - p for p in phase]
         pooled = self.pool(_crop(high, list(phase)))
         pooled = _crop(pooled, [7 - p for p in phase])
+        if not self.multi_scale:  # the output grid of the multi-scale network, so both variants align
+            low_conv_layers = _STEM_LAYERS + _LOW_LAYERS
+            sizes = [
+                min(a, (s - o) // 2 - 2 * low_conv_layers)
+                for a, s, o in zip(pooled.shape[2:], fixed.shape[2:], offsets, strict=True)
+            ]
+            return self._regress(_crop(pooled, [0] * len(sizes), sizes), None)
         low = self._low_res_features(
             self._downsample(_crop(fixed, offsets)), self._downsample(_crop(moving, offsets))
         )
@@ -298,7 +320,7 @@ def _upsample_even_grid(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Ten
 
 
 def extract_patches(
-    fixed: torch.Tensor, moving: torch.Tensor, centres: torch.Tensor, padding_mode: str = "constant"
+    fixed: torch.Tensor, moving: torch.Tensor, centres: torch.Tensor, padding_mode: str = "replicate"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Crop the paper's four patches around voxels (slow reference; dense inference never loops like this).
 
