@@ -68,7 +68,7 @@ def test_network_input_is_the_same_through_bundle_transforms_and_register(
     network = ConstantShift()
     prep = bundle_preprocessing(method, 2, **overrides)
     monkeypatch.setattr(pipeline, "prepare_network", lambda *args: (network, prep))
-    register(fixed, moving, method, affine=None)
+    register(fixed, moving, method, affine=prep.pre_align)  # the bundle's own pre-alignment (RegNet: affine)
     (fixed_in, moving_in), = network.seen
     assert fixed_in.shape[2:] == expected["fixed"].shape[1:]
     if "image_size" in overrides:
