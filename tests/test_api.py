@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
-from sitk_images import rotation, sitk_array, smooth_blobs, write_sitk  # noqa: F401
+from sitk_images import sitk_array, smooth_blobs, write_sitk
 from torch import nn
 
 import regnet_zoo
