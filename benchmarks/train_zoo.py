@@ -58,6 +58,38 @@ VALIDATION_SEED = 1_000  # held out: training uses seed 0
 VALIDATION_PAIRS = {2: 8, 3: 2}
 
 
+class _Cycled(torch.utils.data.Dataset):
+    """``length`` items drawn cyclically from a finite list of pre-generated pairs (``--cache-pairs``)."""
+
+    def __init__(self, items: list[dict[str, torch.Tensor]], length: int) -> None:
+        self.items, self.length = items, int(length)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = self.items[index % len(self.items)]
+        # labels are cached as uint8 (16 labels) to keep the cache small
+        return {k: v.long() if v.dtype == torch.uint8 else v for k, v in item.items()}
+
+
+def generate_pairs(grid: list[int], pairs: int, workers: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``pairs`` synthetic pairs of ``grid`` made by ``workers`` loader processes (the generator runs on the
+    CPU; a GPU trains faster than one process can draw pairs)."""
+    from regnet_zoo.data.synthmorph import SynthPairDataset
+
+    loader = torch.utils.data.DataLoader(
+        SynthPairDataset(grid, length=pairs, seed=seed), batch_size=None, num_workers=workers
+    )
+    start, items = time.perf_counter(), []
+    for item in loader:
+        # clone: a tensor received from a worker holds a shared-memory file descriptor while it lives
+        items.append({k: (v.to(torch.uint8) if "label" in k else v).clone() for k, v in item.items()})
+    size = "x".join(map(str, grid))
+    print(f"[cache {size}] {pairs} pairs in {time.perf_counter() - start:.0f}s", flush=True)
+    return items
+
+
 class _RegNetTarget(torch.utils.data.Dataset):
     """The generator's ``ddf`` as RegNet's supervised target ``ddf_gt`` (its loss and batch preparation)."""
 
@@ -79,13 +111,22 @@ class _RegNetTarget(torch.utils.data.Dataset):
         return item
 
 
-def _parser(method: str, dims: int, grid: list[int], batch_size: int, length: int, device: str):
+def _parser(
+    method: str,
+    dims: int,
+    grid: list[int],
+    batch_size: int,
+    length: int,
+    device: str,
+    cache: list[dict[str, torch.Tensor]] | None = None,
+    workers: int = 0,
+):
     """The bundle's train config with the synthetic data in place of the dataset."""
     from regnet_zoo.bundle import bundle_parser
     from regnet_zoo.data.synthmorph import SynthPairDataset
 
     parser = bundle_parser(method, "train", spatial_dims=dims, image_size=grid, batch_size=batch_size)
-    train = SynthPairDataset(grid, length=length, seed=0)
+    train = _Cycled(cache, length) if cache else SynthPairDataset(grid, length=length, seed=0)
     val = SynthPairDataset(grid, length=VALIDATION_PAIRS[dims], seed=VALIDATION_SEED)
     if method == "regnet":
         train = _RegNetTarget(train)
@@ -98,6 +139,7 @@ def _parser(method: str, dims: int, grid: list[int], batch_size: int, length: in
             "train#handlers": [],  # no resumable checkpoints, no per-epoch LR schedule (one long epoch)
             "train#main_handlers": [],
             "epochs": 1,
+            "num_workers": 0 if cache else workers,
             **SYNTH_OVERRIDES[method],
         }
     )
@@ -132,22 +174,30 @@ def _validate(parser, network: torch.nn.Module) -> dict[str, float]:
     return metrics
 
 
-def train_one(method: str, dims: int, args: argparse.Namespace) -> dict[str, Any]:
+def method_grid(method: str, dims: int, args: argparse.Namespace) -> list[int]:
     grid = list(args.grid2d if dims == 2 else args.grid3d)
     if dims == 3 and method in GRID3D and args.grid3d == list(WORKING_GRIDS[3]):
         grid = list(GRID3D[method])
+    return grid
+
+
+def train_one(
+    method: str, dims: int, args: argparse.Namespace, cache: list[dict[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
+    grid = method_grid(method, dims, args)
     out = Path(args.out)
     path = weights_file(method, dims, out)
     if path.exists() and not args.overwrite:
         raise SystemExit(f"{path} exists; pass --overwrite to replace it")
     batch = args.batch_size or BATCH[dims]
-    parser = _parser(method, dims, grid, batch, length=10**7, device=args.device)
+    parser = _parser(method, dims, grid, batch, 10**7, args.device, cache=cache, workers=args.workers)
     torch.manual_seed(args.seed)
     trainer = parser.get_parsed_content("train#trainer")
     network = parser.get_parsed_content("network")
     budget = 60.0 * args.minutes_per_method
     start = time.perf_counter()
     losses: list[float] = []
+    curve: list[list[float]] = []  # [iteration, seconds, mean loss of the last --log-every iterations]
 
     from ignite.engine import Events
 
@@ -158,6 +208,7 @@ def train_one(method: str, dims: int, args: argparse.Namespace) -> dict[str, Any
         elapsed = time.perf_counter() - start
         if it % args.log_every == 0:
             recent = losses[-args.log_every :]
+            curve.append([it, round(elapsed, 1), round(sum(recent) / len(recent), 5)])
             print(
                 f"[{method} {dims}D] it {it} {elapsed:.0f}s loss {sum(recent) / len(recent):.4f}", flush=True
             )
@@ -175,6 +226,7 @@ def train_one(method: str, dims: int, args: argparse.Namespace) -> dict[str, Any
         "generator": "regnet_zoo.data.synthmorph.SynthPairDataset",
         "seed": 0,
         "pairs": iterations * batch,
+        "distinct_pairs": len(cache) if cache else iterations * batch,
         "iterations": iterations,
         "batch_size": batch,
         "grid": grid,
@@ -185,6 +237,7 @@ def train_one(method: str, dims: int, args: argparse.Namespace) -> dict[str, Any
         "loss_overrides": SYNTH_OVERRIDES[method],
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
         "validation": {"seed": VALIDATION_SEED, "pairs": VALIDATION_PAIRS[dims], **metrics},
+        "learning_curve": curve,
         "command": _command(),
     }
     meta = zoo_metadata(method, network_config, grid, trained_on)
@@ -227,17 +280,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--out", default="regnet_zoo/pretrained")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--workers", type=int, default=0, help="loader processes drawing synthetic pairs")
+    parser.add_argument(
+        "--cache-pairs", type=int, default=0, help="pairs drawn once per grid, trained on cyclically"
+    )
+    parser.add_argument("--keep-going", action="store_true", help="go on after a method fails")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    caches: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
+    failed = []
     for dims in args.dims:
         for method in methods:
-            train_one(method, dims, args)
-    return 0
+            grid = tuple(method_grid(method, dims, args))
+            if args.cache_pairs and grid not in caches:
+                caches[grid] = generate_pairs(list(grid), args.cache_pairs, args.workers)
+            try:
+                train_one(method, dims, args, caches.get(grid))
+            except Exception as error:  # noqa: BLE001 - reported, and the exit status says so
+                if not args.keep_going:
+                    raise
+                failed.append(f"{method} {dims}D")
+                print(f"[{method} {dims}D] FAILED: {type(error).__name__}: {error}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
