@@ -297,18 +297,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     caches: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
     failed = []
-    for dims in args.dims:
-        for method in methods:
-            grid = tuple(method_grid(method, dims, args))
-            if args.cache_pairs and grid not in caches:
-                caches[grid] = generate_pairs(list(grid), args.cache_pairs, args.workers)
-            try:
-                train_one(method, dims, args, caches.get(grid))
-            except Exception as error:  # noqa: BLE001 - reported, and the exit status says so
-                if not args.keep_going:
-                    raise
-                failed.append(f"{method} {dims}D")
-                print(f"[{method} {dims}D] FAILED: {type(error).__name__}: {error}", flush=True)
+    jobs = [(m, dims, tuple(method_grid(m, dims, args))) for dims in args.dims for m in methods]
+    for _, _, grid in jobs:
+        # all caches before any training: loader processes are forked before CUDA is initialised
+        if args.cache_pairs and grid not in caches:
+            caches[grid] = generate_pairs(list(grid), args.cache_pairs, args.workers)
+    for method, dims, grid in jobs:
+        try:
+            train_one(method, dims, args, caches.get(grid))
+        except Exception as error:  # noqa: BLE001 - reported, and the exit status says so
+            if not args.keep_going:
+                raise
+            failed.append(f"{method} {dims}D")
+            print(f"[{method} {dims}D] FAILED: {type(error).__name__}: {error}", flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", flush=True)
     return 1 if failed else 0
