@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from regnet_zoo.core.metrics import dice_per_label, folding_fraction, jacobian_determinant
 from regnet_zoo.core.spatial import warp_labels
+from regnet_zoo.data.preprocess import normalise_intensity
 from regnet_zoo.networks.bspline_unet import PAPER_TERM_SCALES, BSplineUNet, BSplineUNetLoss
 
 PAPER_WEIGHTS = {"delta": 1.0, "alpha": 1e3, "beta": 5e4}
@@ -43,7 +44,8 @@ KEYS = ("fixed", "moving", "fixed_label", "moving_label")
 
 def oasis_slice_pairs(data_dir: Path, subject: int, slices, gap: int, factor: int) -> dict[str, torch.Tensor]:
     """Pairs of axial slices ``(k, k + gap)`` and ``(k + gap, k)`` of one OASIS subject (1 or 2): images
-    ``(P, 1, H, W)`` (area-downsampled by ``factor``) and integer label maps (every ``factor``-th voxel)."""
+    ``(P, 1, H, W)`` (each slice min-max normalised to [0, 1], then area-downsampled by ``factor``) and
+    integer label maps (every ``factor``-th voxel)."""
     folder = data_dir / "oasis3d_pair"
     image = nib.load(folder / f"imagesTr/OASIS_000{subject}_0000.nii.gz").get_fdata(dtype=np.float32)
     label = np.asarray(nib.load(folder / f"labelsTr/OASIS_000{subject}_0000.nii.gz").dataobj)
@@ -51,11 +53,14 @@ def oasis_slice_pairs(data_dir: Path, subject: int, slices, gap: int, factor: in
     def cut(volume: np.ndarray, k: int) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(volume[:, k]))[None, None]
 
+    def cut_image(k: int) -> torch.Tensor:  # each slice min-max normalised to [0, 1], as the paper's images
+        return F.avg_pool2d(normalise_intensity(cut(image, k)[0])[None], factor)
+
     out: dict[str, list[torch.Tensor]] = {key: [] for key in KEYS}
     for k in slices:
         for a, b in ((k, k + gap), (k + gap, k)):
-            out["fixed"].append(F.avg_pool2d(cut(image, a), factor))
-            out["moving"].append(F.avg_pool2d(cut(image, b), factor))
+            out["fixed"].append(cut_image(a))
+            out["moving"].append(cut_image(b))
             out["fixed_label"].append(cut(label, a)[..., ::factor, ::factor].long())
             out["moving_label"].append(cut(label, b)[..., ::factor, ::factor].long())
     return {key: torch.cat(value) for key, value in out.items()}
@@ -73,7 +78,9 @@ def train_and_evaluate(train, test, weights: dict[str, float], args, device: tor
     torch.manual_seed(args.seed)
     net = BSplineUNet(2, control_spacing=args.control_spacing).to(device)
     loss_weights = {LOSS_ARG[name]: value for name, value in weights.items()}
-    loss_fn = BSplineUNetLoss(voxel_size=args.voxel_size, **loss_weights)
+    loss_fn = BSplineUNetLoss(
+        voxel_size=args.voxel_size, ngf_eps=args.ngf_eps, term_scales=args.term_scales, **loss_weights
+    )
     optimiser = torch.optim.Adam(net.parameters(), lr=args.lr)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
@@ -109,6 +116,38 @@ def train_and_evaluate(train, test, weights: dict[str, float], args, device: tor
     }
 
 
+def merge(parts: list[Path], out: Path) -> dict:
+    """One report from parts run side by side (each a subset of the sweeps, same protocol): rows in sweep
+    order; a sweep's x1 row is the shared x1 setting wherever it was trained."""
+    reports = [json.loads(Path(part).read_text()) for part in parts]
+    base = reports[0]
+    keys = ("delta", "alpha", "beta")
+    trained = {}
+    for report in reports:
+        if report["image_shape"] != base["image_shape"] or report["term_scales"] != base["term_scales"]:
+            raise SystemExit(f"{parts}: the parts ran different protocols")
+        for row in report["rows"][1:]:
+            trained[tuple(row[k] for k in keys)] = row
+    rows = [base["rows"][0]]
+    for name in keys:
+        for multiplier in sorted({m for r in reports for m in r["args"]["multipliers"]} | {1.0}):
+            weights = dict(PAPER_WEIGHTS)
+            weights[name] = PAPER_WEIGHTS[name] * multiplier
+            row = trained.get(tuple(weights[k] for k in keys))
+            if row is not None:
+                setting = {"setting": f"{name} x{multiplier:g}", "vary": name, "multiplier": multiplier}
+                rows.append({**row, **setting})
+    report = {**base, "rows": rows, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    report["args"] = {**base["args"], "vary": list(keys), "out": str(out)}
+    pairs = zip(parts, reports, strict=True)
+    report["merged_from"] = [{"file": Path(p).name, "args": r["args"]} for p, r in pairs]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    for row in rows:
+        print(f"{row['setting']:>14}: Dice {row['dice_mean']:.3f}, folding {row['folding_percent']:.2f} %")
+    return report
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -130,11 +169,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--control-spacing", type=int, default=4)
     parser.add_argument("--voxel-size", type=float, default=1.0, help="BSplineUNetLoss voxel_size (README)")
+    parser.add_argument("--ngf-eps", type=float, default=0.1, help="NGF edge parameter (paper 0.1)")
+    parser.add_argument(
+        "--term-scales", type=float, nargs=3, default=list(PAPER_TERM_SCALES), help="units of NGF, R, B"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bspline_unet_table1.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", help="combine these reports into --out; no training")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
@@ -199,7 +245,8 @@ def _save(args, shape, train, test, rows) -> dict:
         "benchmark": "bspline_unet loss-weight variation (Hering et al. 2019, Table 1)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"torch {torch.__version__}, {args.threads} threads, device {args.device}",
+        f"torch {torch.__version__}, {args.threads} threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""),
         "protocol": f"train: OASIS subject {args.train_subject} slice pairs; test: subject "
         f"{3 - args.train_subject} slice pairs (subject-disjoint); pairs (k, k+{args.gap}) both ways",
         "paper_weights": PAPER_WEIGHTS,

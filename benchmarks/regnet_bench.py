@@ -40,14 +40,12 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from regnet_zoo.api.pipeline import total_ddf
 from regnet_zoo.core.affine import affine_register
 from regnet_zoo.core.geometry import as_4x4, from_4x4, spacing_from_affine
 from regnet_zoo.data.io import load_image
 from regnet_zoo.data.preprocess import normalise_intensity
 from regnet_zoo.data.regnet_crop import RegNetSyntheticCropd
 from regnet_zoo.data.synthetic import deform_pair
-from regnet_zoo.data.transforms import pre_align_pair
 from regnet_zoo.networks.regnet import RegNet, RegNetLoss, dvf_mae
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -64,7 +62,9 @@ def load_split(data: Path, dims: int) -> tuple[dict[str, list[MetaTensor]], dict
         return MetaTensor(normalise_intensity(image), affine=image.affine)
 
     if dims == 2:
-        files = sorted((data / "oasis2d" / "slices").glob("*.nrrd"))
+        folder = data / "oasis2d" / "slices"
+        # NIfTI copies (same names, .nii.gz) serve where SimpleITK is missing (see --device)
+        files = sorted(folder.glob("*.nrrd")) or sorted(folder.glob("*.nii.gz"))
         if len(files) < 100:
             raise SystemExit(f"expected 100 OASIS slices in {data / 'oasis2d' / 'slices'}")
         parts = {"train": files[:80], "validation": files[80:90], "test": files[90:100]}
@@ -93,6 +93,8 @@ def synthetic_pairs(images: list[MetaTensor], seed: int, presets=PRESETS) -> lis
 
 def affine_stage(pair: dict) -> tuple[np.ndarray, torch.Tensor]:
     """The paper's affine pre-registration: ``T`` (4x4) and the moving image resampled onto the fixed grid."""
+    from regnet_zoo.data.transforms import pre_align_pair  # imported here: pulls SimpleITK (not on GPU hosts)
+
     n = pair["fixed"].ndim - 1
     affine = as_4x4(pair["affine"])
     voxel_to_world = torch.as_tensor(from_4x4(affine, n))
@@ -104,14 +106,18 @@ def affine_stage(pair: dict) -> tuple[np.ndarray, torch.Tensor]:
 
 
 def evaluate(net: RegNet, pairs: list[dict], aligned: list | None = None) -> list[dict]:
-    """MAE (mm) inside the mask per pair: the network alone, and after the affine stage (``aligned``)."""
+    """MAE (mm) inside the mask per pair: the network alone, and after the affine stage (``aligned``).
+
+    The network runs on its own device; the errors are measured on the CPU (the affine stage's grid).
+    """
     net.eval()
+    device = next(net.parameters()).device
     rows = []
     with torch.no_grad():
         for i, pair in enumerate(pairs):
             truth, mask, spacing = pair["ddf"][None], pair["mask"][None], pair["spacing"]
             start = time.perf_counter()
-            ddf = net(pair["fixed"][None], pair["moving"][None])["ddf"]
+            ddf = net(pair["fixed"][None].to(device), pair["moving"][None].to(device))["ddf"].cpu()
             seconds = time.perf_counter() - start
             mae, per_axis = dvf_mae(ddf, truth, mask, spacing)
             row = {
@@ -121,14 +127,40 @@ def evaluate(net: RegNet, pairs: list[dict], aligned: list | None = None) -> lis
                 "seconds": seconds,
             }
             if aligned is not None:
+                from regnet_zoo.api.pipeline import total_ddf  # imported here: pulls SimpleITK
                 matrix, moving_aligned = aligned[i]
-                deformable = net(pair["fixed"][None], moving_aligned[None])["ddf"][0]
+                deformable = net(pair["fixed"][None].to(device), moving_aligned[None].to(device))["ddf"][0]
+                deformable = deformable.cpu()
                 total = total_ddf(deformable, matrix, pair["affine"])[None]
                 row["affine_then_regnet_mae_mm"] = dvf_mae(total, truth, mask, spacing)[0].item()
                 affine_only = total_ddf(torch.zeros_like(deformable), matrix, pair["affine"])[None]
                 row["affine_only_mae_mm"] = dvf_mae(affine_only, truth, mask, spacing)[0].item()
             rows.append(row)
     return rows
+
+
+class TrainingCrops(torch.utils.data.Dataset):
+    """Crop ``i`` of the training stream: a training image and a ``RegNetSyntheticCropd`` draw, both seeded by
+    ``(seed, i)`` -- the same crops whatever the number of loader workers."""
+
+    def __init__(self, samples: list[dict], transform: RegNetSyntheticCropd, seed: int, length: int) -> None:
+        self.samples, self.transform, self.seed, self.length = samples, transform, seed, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, i])
+        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        return dict(self.transform(self.samples[int(rng.integers(len(self.samples)))]))
+
+
+def _stack(crops: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([torch.as_tensor(c[k]) for c in crops]) for k in crops[0]}
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
 
 
 def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegNet, dict]:
@@ -141,14 +173,17 @@ def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegN
         skip_crop_border=True,
         tile_size=args.tile,
         dense_mode=args.dense_mode,
-    )
+    ).to(args.device)
     transform = RegNetSyntheticCropd(image_key="image", mask_key="mask", crop_size=args.crop)
-    transform.set_random_state(args.seed)
     loss_fn = RegNetLoss()
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.epoch_steps, gamma=1 / 1.25)
     samples = [{"image": im, "mask": (im > MASK_THRESHOLD).float()} for im in images["train"]]
-    rng = np.random.default_rng(args.seed)
+    crops = TrainingCrops(samples, transform, args.seed, args.steps * args.batch)
+    loader = torch.utils.data.DataLoader(
+        crops, batch_size=args.batch, num_workers=args.workers, collate_fn=_stack, worker_init_fn=_one_thread
+    )
+    batches = iter(loader)
     curve, window, losses = [], [], []
     start = time.perf_counter()
     step = 0
@@ -177,8 +212,7 @@ def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegN
     record()
     budget = args.budget_minutes * 60 if args.budget_minutes else float("inf")
     while step < args.steps and time.perf_counter() - start < budget:
-        crops = [transform(samples[rng.integers(len(samples))]) for _ in range(args.batch)]
-        batch = {k: torch.stack([c[k] for c in crops]) for k in crops[0]}
+        batch = {k: v.to(args.device) for k, v in next(batches).items()}
         loss = loss_fn(net(batch["fixed"], batch["moving"]), batch)["loss"]
         optimizer.zero_grad()
         loss.backward()
@@ -221,8 +255,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--time-shape", type=int, nargs="+", default=None, help="also time dense inference")
     parser.add_argument("--no-affine", action="store_true", help="skip the affine pre-registration rows")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=0, help="processes making training crops")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device for training and inference, e.g. cuda")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available")
     args.crop = args.crop or (112 if args.dims == 2 else 64)
     torch.set_num_threads(args.threads)
 
@@ -243,7 +281,8 @@ def main(argv=None) -> dict:
         "benchmark": "RegNet (Sokooti et al. 2017): DVF MAE on synthetic deformations of held-out subjects",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.node()} {platform.machine()}, torch {torch.__version__}, "
-        f"{args.threads} threads",
+        f"{args.threads} threads, device {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else ""),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "split": names,
         "mae_definition": "sum over axes of the mean |ddf - ddf_true| (mm) inside the fixed brain mask",
@@ -283,10 +322,12 @@ def main(argv=None) -> dict:
                 f"{s.get('affine_only_mae_mm', float('nan')):8.2f}"
             )
         if args.time_shape:
-            fixed = torch.rand(1, 1, *args.time_shape)
+            fixed = torch.rand(1, 1, *args.time_shape, device=args.device)
             with torch.no_grad():
                 start, start_cpu = time.perf_counter(), time.process_time()
                 net(fixed, fixed.flip(2))
+                if fixed.is_cuda:
+                    torch.cuda.synchronize()
                 wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
             result["variants"][variant]["dense_inference"] = {
                 "shape": args.time_shape, "mode": args.dense_mode, "tile": args.tile, "seconds": wall,

@@ -1,23 +1,41 @@
-"""Speed benchmark (issue 15 item 5). Sections are independent; ``--section core`` (the default and, for
-now, the only one) times the core operations on the same real 3D pair at two sizes:
+"""Speed benchmark (issue 15 items 1, 3-6): one command times, in one run, on the same real 3D pair
+(``../shared/data/oasis3d_pair``, ``--data``; resampled to every ``--sizes`` entry):
 
-- warp linear / nearest (border), ``compose_ddf``, scaling and squaring (7 steps);
-- each as **ours-fast** (``core._fast`` numba kernels), **ours-reference** (the same functions with the fast
-  path off: ``grid_sample`` on a normalised grid) and **MONAI** (``monai.networks.blocks.Warp`` /
-  ``DVF2DDF`` called as a user calls them; composition as ``b + Warp()(a, b)``), all with border padding;
-- forward, and forward + backward (gradients w.r.t. image and field).
+- ``core``: the core operations against MONAI's (below);
+- ``methods``: each network's registration (the inference path of ``register``: batch norm folded,
+  ``inference_mode``), time, peak memory and Dice of the OASIS labels; RegNet also in its ``interpolate``
+  dense mode (``regnet_interpolate``);
+- ``training``: training iterations per second at ``--train-size`` (the bundle's network, loss and Adam);
+- ``instance``: instance optimisation per pair (``--steps``), coarse to fine and the full-resolution loop at
+  equal steps (time, peak memory, Dice);
+- ``register``: ``regnet_zoo.register(..., instance_opt=--steps, affine=None)`` end to end on the pair's
+  files (what ``regnet-zoo register --instance-opt`` runs; needs SimpleITK);
+- ``classic``: SimpleITK B-spline and ANTs SyN (``regnet_zoo.baselines``) when importable.
 
-Inputs: the first image of ``../shared/data/oasis3d_pair`` (160x192x224, min-max normalised) and its
-trilinear resampling to 64^3; a smooth synthetic field (random 5^3 control values upsampled trilinearly,
-displacements of a few voxels), used as the DDF, as both arguments of the composition and as the SVF.
+``--section all`` runs every section. No weights ship yet: networks are the bundles' ``network_def``,
+freshly initialised (seed 0, "untrained (random init)" in the tables) unless trained weights exist; times
+do not depend on the weights' values, Dice does. Without the OASIS pair a synthetic pair is used (said so in
+the output). ``--device cuda --amp`` runs the same sections on a GPU (bfloat16 autocast of the networks'
+forward passes; losses, instance optimisation and the core ops in float32; CUDA synchronised around every
+timer; memory = ``torch.cuda.max_memory_allocated``) and writes ``speed_gpu.json`` / ``.md``. Sections
+not run keep their earlier results in the JSON (each with its own environment and load average).
+
+Core section: warp linear / nearest (border), ``compose_ddf``, scaling and squaring (7 steps);
+each as **ours-fast** (``core._fast`` numba kernels), **ours-reference** (the same functions with the fast
+path off: ``grid_sample`` on a normalised grid) and **MONAI** (``monai.networks.blocks.Warp`` /
+``DVF2DDF`` called as a user calls them; composition as ``b + Warp()(a, b)``), all with border padding;
+forward, and forward + backward (gradients w.r.t. image and field). Inputs: the first image of the pair
+(min-max normalised) at each size; a smooth synthetic field (random 5^3 control values upsampled
+trilinearly, displacements of a few voxels), used as the DDF, as both arguments of the composition and as
+the SVF.
 
 Times are medians over ``--repeats`` runs, with the three implementations interleaved in each repeat (the
 machine may be shared: interleaving exposes all three to the same load). Memory: on CPU the peak resident
 set above the level before the call, sampled every millisecond by a thread (``/proc/self/status`` VmRSS;
-large tensors are mmapped and returned on free, so this follows the allocator's large blocks); on CUDA
-``torch.cuda.max_memory_allocated``. Usage::
+large tensors are mmapped and returned on free, so this follows the allocator's large blocks; tracemalloc
+does not see torch's allocations); on CUDA ``torch.cuda.max_memory_allocated``. Usage::
 
-    python benchmarks/speed.py [--section core] [--sizes 160x192x224 64x64x64] [--repeats 3] [--device cpu]
+    python benchmarks/speed.py --section all [--sizes 160x192x224 64x64x64] [--device cuda --amp]
 
 Writes ``benchmarks/results/speed.json`` and ``speed.md`` (``--out`` stem).
 """
@@ -26,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -54,7 +73,10 @@ def load_image(size: tuple[int, ...]) -> torch.Tensor:
     """First OASIS image ``(1, 1, *size)`` float32 in [0, 1] (trilinear resampling when sizes differ)."""
     import nibabel as nib
 
-    path = sorted((DATA / "imagesTr").glob("*.nii*"))[0]
+    paths = sorted((DATA / "imagesTr").glob("*.nii*"))
+    if not paths:  # no OASIS data (e.g. on a GPU machine): the synthetic pair's fixed image
+        return _synthetic_pair(size)["fixed"]
+    path = paths[0]
     arr = torch.from_numpy(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))[None, None]
     arr = (arr - arr.min()) / (arr.max() - arr.min())
     if tuple(arr.shape[2:]) != size:
@@ -210,7 +232,377 @@ def section_core(args, device) -> dict:
     return {"rows": results}
 
 
-SECTIONS = {"core": section_core}
+# --------------------------------------------------------------------------------------------------------
+# per-method sections (methods, training, instance, register, classic): one pair, the same at every size
+# --------------------------------------------------------------------------------------------------------
+METHODS = ("pwc", "regnet", "ddrnet", "bspline_unet", "discrete_corr")
+#: the methods section's extra rows: RegNet's dense inference at even voxels only (``dense_mode``
+#: "interpolate", the bundle's faster option), against its default exact mode
+VARIANTS = {"regnet_interpolate": ("regnet", {"dense_mode": "interpolate"})}
+PAIR_FILES = ("OASIS_0001_0000.nii.gz", "OASIS_0002_0000.nii.gz")
+
+
+def _synthetic_pair(size: tuple[int, ...], seed: int = 0) -> dict:
+    """Fallback when the OASIS pair is absent: smooth random images, the moving one warped by a smooth field
+    of a few voxels; labels = intensity quartiles of each image (4 classes). Clearly not a brain."""
+    from regnet_zoo.core.spatial import warp_image
+
+    fixed = smooth_field(size, 1.0, seed)[:, :1]
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    moving = warp_image(fixed, smooth_field(size, 3.0, seed + 1))
+    labels = [torch.bucketize(x, torch.quantile(x.flatten()[::97], torch.tensor([0.25, 0.5, 0.75])))
+              for x in (fixed, moving)]
+    return {"fixed": fixed, "moving": moving, "fixed_label": labels[0].float(),
+            "moving_label": labels[1].float(),
+            "evaluation": [1, 2, 3], "source": "synthetic (smooth random images, no OASIS data found)"}
+
+
+def load_pair(size: tuple[int, ...], data: Path) -> dict:
+    """The OASIS pair at ``size``: ``fixed``, ``moving`` ``(1, 1, *size)`` min-max normalised (trilinear
+    resampling), ``fixed_label`` / ``moving_label`` (nearest), the dataset's ``evaluation`` labels; the
+    synthetic pair when ``data`` lacks the files."""
+    import nibabel as nib
+
+    images = [data / "imagesTr" / name for name in PAIR_FILES]
+    labels = [data / "labelsTr" / name for name in PAIR_FILES]
+    if not all(p.is_file() for p in images + labels):
+        print(f"no OASIS pair under {data}: using a SYNTHETIC pair", flush=True)
+        return _synthetic_pair(size)
+    out = {}
+    for key, path, mode in [("fixed", images[0], "trilinear"), ("moving", images[1], "trilinear"),
+                            ("fixed_label", labels[0], "nearest"), ("moving_label", labels[1], "nearest")]:
+        arr = torch.from_numpy(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))[None, None]
+        if mode == "trilinear":
+            arr = (arr - arr.min()) / (arr.max() - arr.min())
+        if tuple(arr.shape[2:]) != size:
+            kwargs = {"align_corners": True} if mode == "trilinear" else {}
+            arr = F.interpolate(arr, size=size, mode=mode, **kwargs)
+        out[key] = arr.contiguous()
+    dataset = data / "dataset.json"
+    evaluation = json.loads(dataset.read_text()).get("evaluation_labels") if dataset.is_file() else None
+    values = torch.unique(out["fixed_label"]).long().tolist()
+    out["evaluation"] = [int(v) for v in evaluation] if evaluation else [v for v in values if v != 0]
+    out["source"] = f"OASIS pair {PAIR_FILES[0]} (fixed) / {PAIR_FILES[1]} (moving) from {data}"
+    return out
+
+
+def mean_dice(pair: dict, ddf: torch.Tensor) -> float:
+    """Mean Dice over the evaluation labels present in both maps; the moving labels warped by nearest."""
+    from regnet_zoo.core.metrics import dice_per_label
+    from regnet_zoo.core.spatial import warp_labels
+
+    warped = warp_labels(pair["moving_label"], ddf.detach().float().cpu())
+    dice = dice_per_label(pair["fixed_label"][0, 0].numpy(), warped[0, 0].numpy(), pair["evaluation"],
+                          pair["moving_label"][0, 0].numpy())
+    return float(np.nanmean(list(dice.values())))
+
+
+def _instance_module():
+    """``regnet_zoo.api.instance``; where SimpleITK is missing (``regnet_zoo.api`` imports it, the instance
+    module does not) the module file is loaded on its own."""
+    try:
+        from regnet_zoo.api import instance
+    except ImportError:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "regnet_zoo_api_instance", ROOT / "regnet_zoo" / "api" / "instance.py"
+        )
+        instance = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(instance)
+    return instance
+
+
+def bundle_network(method: str, device: torch.device, train: bool = False) -> tuple[torch.nn.Module, str]:
+    """The bundle's 3D ``network_def`` with its shipped weights if any, else random init (seed 0); eval
+    mode with batch norm folded (the inference path of ``register``) unless ``train``. ``method`` may name
+    a :data:`VARIANTS` entry."""
+    method, attributes = VARIANTS.get(method, (method, {}))
+    from regnet_zoo.bundle import bundle_parser, load_bundle_weights
+    from regnet_zoo.networks.inference import fold_batch_norm
+
+    torch.manual_seed(0)
+    weights = "untrained (random init)"
+    try:
+        network = load_bundle_weights(method, None, "cpu", spatial_dims=3)[0]
+        weights = "trained (bundle weights)"
+    except (FileNotFoundError, RuntimeError):
+        network = bundle_parser(method, "train", spatial_dims=3).get_parsed_content("network_def")
+    for key, value in attributes.items():
+        setattr(network, key, value)
+    network = network.to(device)
+    return (network.train(), weights) if train else (fold_batch_norm(network.eval()), weights)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _amp(args, device):
+    """Autocast for the networks' forward passes under ``--amp`` (bfloat16: no loss scaling needed)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bool(args.amp))
+
+
+def measure(fn, device: torch.device):
+    """``(wall s, process CPU s, peak bytes, result)`` of ``fn()``: peak = CUDA allocator peak above the
+    level at entry on a GPU, else peak VmRSS above entry (the sampler of the core section)."""
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        _sync(device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        return wall, cpu, torch.cuda.max_memory_allocated(device) - before, out
+    with PeakRSS() as meter:
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return wall, cpu, meter.bytes, out
+
+
+def _pairs(args, device) -> dict:
+    if not hasattr(args, "_pairs"):
+        args._pairs = {size: load_pair(size, Path(args.data)) for size in args.sizes}
+    return args._pairs
+
+
+def _attempt(context: dict, function, *args) -> dict:
+    """``function(*args)``'s row, or ``context`` with the error (one method failing must not end the run)."""
+    try:
+        return function(*args)
+    except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as err:
+        print(f"FAILED {context}: {type(err).__name__}: {err}", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**context, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
+
+
+def _load() -> list[float]:
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def _method_row(args, device, pair: dict, size: tuple[int, ...], method: str) -> dict:
+    fixed, moving = pair["fixed"].to(device), pair["moving"].to(device)
+    network, weights = bundle_network(method, device)
+
+    def forward():
+        with torch.inference_mode(), _amp(args, device):
+            return network(fixed, moving)["ddf"].float()
+
+    warm = min(size) < 100 or device.type == "cuda"  # one slow CPU run at large sizes
+    if warm:
+        forward()  # warm-up (allocator, oneDNN primitives / cuDNN autotuning)
+    runs = [measure(forward, device) for _ in range(args.method_repeats if warm else 1)]
+    ddf = runs[-1][3]
+    row = {
+        "size": list(size), "method": method, "weights": weights,
+        "seconds": statistics.median(r[0] for r in runs),
+        "cpu_seconds": statistics.median(r[1] for r in runs),
+        "peak_mib": round(max(r[2] for r in runs) / 2**20, 1),
+        "runs": len(runs), "dice": mean_dice(pair, ddf),
+        "dice_identity": pair.setdefault("dice_identity", mean_dice(pair, torch.zeros_like(ddf))),
+        "load": _load(),
+    }
+    print(f"methods {'x'.join(map(str, size)):>12} {method:<18} {row['seconds']:8.2f} s "
+          f"(cpu {row['cpu_seconds']:.1f} s) peak {row['peak_mib']:.0f} MiB  Dice {row['dice']:.3f}",
+          flush=True)
+    return row
+
+
+def section_methods(args, device) -> dict:
+    """Each network's registration (forward, the inference path of ``register``) on the pair at every size:
+    time (median of ``--method-repeats`` after a warm-up; on CPU one run at sizes from 100^3),
+    peak memory, Dice of the 30 OASIS labels."""
+    rows = []
+    for size in args.sizes:
+        pair = _pairs(args, device)[size]
+        for method in args.methods:
+            context = {"size": list(size), "method": method}
+            rows.append(_attempt(context, _method_row, args, device, pair, size, method))
+    sources = {"x".join(map(str, s)): p["source"] for s, p in _pairs(args, device).items()}
+    return {"rows": rows, "pair": sources}
+
+
+def _training_batch(pair: dict, device: torch.device) -> dict:
+    """The bundle trainers' batch keys; RegNet's supervision (``ddf_gt``) is a smooth synthetic field."""
+    size = tuple(pair["fixed"].shape[2:])
+    batch = {k: pair[k].to(device) for k in ("fixed", "moving", "fixed_label", "moving_label")}
+    batch["ddf_gt"] = smooth_field(size, 2.0, 3).to(device)
+    return batch
+
+
+def _training_row(args, device, batch: dict, method: str) -> dict:
+    from regnet_zoo.bundle import bundle_parser
+
+    size = tuple(batch["fixed"].shape[2:])
+    network, _ = bundle_network(method, device, train=True)
+    parser = bundle_parser(method, "train", spatial_dims=3)
+    loss_fn = parser.get_parsed_content("loss")
+    loss_fn = loss_fn.to(device) if isinstance(loss_fn, torch.nn.Module) else loss_fn
+    optimizer = torch.optim.Adam(network.parameters(), lr=float(parser.get("learning_rate", 1e-3)))
+
+    def iteration():
+        optimizer.zero_grad(set_to_none=True)
+        with _amp(args, device):
+            outputs = network(batch["fixed"], batch["moving"])
+        outputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v
+                   for k, v in outputs.items()}
+        loss = loss_fn(outputs, batch)["loss"]  # in float32 (LNCC / NCC need the precision)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    _, _, peak, first = measure(iteration, device)  # also the warm-up
+    times = [measure(iteration, device)[:2] for _ in range(args.train_iters)]
+    wall = statistics.median(t[0] for t in times)
+    row = {"size": list(size), "method": method, "iterations": args.train_iters,
+           "seconds_per_iteration": wall, "iterations_per_second": 1.0 / wall,
+           "cpu_seconds_per_iteration": statistics.median(t[1] for t in times),
+           "peak_mib": round(peak / 2**20, 1), "first_loss": first, "load": _load()}
+    print(f"training {'x'.join(map(str, size))} {method:<14} {row['iterations_per_second']:.3f} it/s "
+          f"({wall:.2f} s/it) peak {row['peak_mib']:.0f} MiB", flush=True)
+    return row
+
+
+def section_training(args, device) -> dict:
+    """Training iterations per second of each method at ``--train-size`` (batch 1, the bundle's
+    ``network_def`` / ``loss`` / Adam at its learning rate): ``--train-iters`` timed iterations after one
+    warm-up, peak memory of one iteration (the warm-up). RegNet trains on crops of >= 54^3 voxels."""
+    size = args.train_size
+    pair = load_pair(size, Path(args.data))
+    batch = _training_batch(pair, device)
+    rows = []
+    for method in [m for m in args.methods if m in METHODS]:
+        context = {"size": list(size), "method": method}
+        rows.append(_attempt(context, _training_row, args, device, batch, method))
+    return {"rows": rows, "pair": pair["source"]}
+
+
+def _instance_row(args, device, instance, pair: dict, size: tuple[int, ...], method: str) -> dict:
+    fixed, moving = pair["fixed"].to(device), pair["moving"].to(device)
+    network, weights = bundle_network(method, device)
+    loss_fn, lr = instance.bundle_instance_loss(method, 3, device)
+    with torch.inference_mode():
+        outputs = network(fixed, moving)
+    row = {"size": list(size), "method": method, "weights": weights, "steps": args.steps, "lr": lr,
+           "schedule": instance.instance_schedule(tuple(size), args.steps),
+           "dice_start": mean_dice(pair, outputs["ddf"])}
+    loops = [("coarse_to_fine", True)]
+    if list(size) in [list(s) for s in args.full_loop_sizes]:
+        loops.append(("full_resolution", False))
+    for name, c2f in loops:
+        def run(c2f=c2f):
+            with torch.enable_grad():
+                return instance.instance_optimise(
+                    network, loss_fn, outputs, fixed, moving, args.steps, lr, coarse_to_fine=c2f
+                )
+
+        wall, cpu, peak, tuned = measure(run, device)
+        row.update({f"{name}_s": wall, f"{name}_cpu_s": cpu, f"{name}_peak_mib": round(peak / 2**20, 1),
+                    f"{name}_dice": mean_dice(pair, tuned["ddf"])})
+    row["load"] = _load()
+    full = f"  full-res {row['full_resolution_s']:.1f} s Dice {row['full_resolution_dice']:.3f}" if (
+        "full_resolution_s" in row) else ""
+    print(f"instance {'x'.join(map(str, size)):>12} {method:<14} c2f {row['coarse_to_fine_s']:.1f} s "
+          f"Dice {row['dice_start']:.3f} -> {row['coarse_to_fine_dice']:.3f}{full}", flush=True)
+    return row
+
+
+def section_instance(args, device) -> dict:
+    """``--steps`` instance-optimisation steps per method and size from the network's output: coarse to
+    fine (``register``'s default) and, at the sizes of ``--full-loop-sizes``, the full-resolution loop at
+    equal steps; time, peak memory, Dice before and after. Float32 (the losses need it)."""
+    instance = _instance_module()
+    rows = []
+    for size in args.sizes:
+        pair = _pairs(args, device)[size]
+        for method in args.instance_methods:
+            context = {"size": list(size), "method": method}
+            rows.append(_attempt(context, _instance_row, args, device, instance, pair, size, method))
+    return {"rows": rows}
+
+
+def _register_row(args, device, files: list[Path], method: str) -> dict:
+    import tempfile
+
+    from regnet_zoo.api import register
+
+    network, weights = bundle_network(method, torch.device("cpu"), train=True)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.pt"
+        torch.save(network.state_dict(), path)
+        wall, cpu, peak, result = measure(
+            lambda: register(files[0], files[1], method=method, weights=path, device=str(device),
+                             instance_opt=args.steps, affine=None),
+            device,
+        )
+    row = {"method": method, "weights": weights, "steps": args.steps, "seconds": wall, "cpu_seconds": cpu,
+           "peak_mib": round(peak / 2**20, 1), "stage_s": result.metrics.get("stage_s"),
+           "size": list(result.ddf_deformable.shape[1:]), "load": _load()}
+    print(f"register --instance-opt {args.steps} {method:<14} {wall:.1f} s (cpu {cpu:.1f} s)", flush=True)
+    return row
+
+
+def section_register(args, device) -> dict:
+    """``regnet_zoo.register(..., instance_opt=--steps, affine=None)`` (what ``regnet-zoo register
+    --instance-opt`` runs) on the pair's files at their own size, per method of ``--instance-methods``:
+    total time and the stage times. Needs SimpleITK and the real pair; skipped otherwise."""
+    data = Path(args.data)
+    files = [data / "imagesTr" / name for name in PAIR_FILES]
+    try:
+        from regnet_zoo.api import register  # noqa: F401
+    except ImportError as err:
+        return {"skipped": f"regnet_zoo.api not importable ({err})"}
+    if not all(f.is_file() for f in files):
+        return {"skipped": f"no OASIS pair under {data}"}
+    rows = [_attempt({"method": method}, _register_row, args, device, files, method)
+            for method in args.instance_methods]
+    return {"rows": rows}
+
+
+def _classic_row(function, pair: dict, name: str, size: tuple[int, ...]) -> dict:
+    wall, cpu, peak, ddf = measure(lambda: function(pair["fixed"], pair["moving"]), torch.device("cpu"))
+    row = {"size": list(size), "method": name, "seconds": wall, "cpu_seconds": cpu,
+           "peak_mib": round(peak / 2**20, 1), "dice": mean_dice(pair, ddf[None]), "load": _load()}
+    print(f"classic {'x'.join(map(str, size)):>12} {name:<14} {wall:8.1f} s  Dice {row['dice']:.3f}",
+          flush=True)
+    return row
+
+
+def section_classic(args, device) -> dict:
+    """SimpleITK B-spline (``regnet_zoo.baselines.sitk_bspline``, its defaults) and ANTs SyN
+    (``ants_syn``) on the pair at every size (CPU; skipped when not importable): time, Dice."""
+    try:
+        from regnet_zoo import baselines
+    except ImportError as err:
+        return {"skipped": f"SimpleITK not importable ({err})"}
+    rows, skipped = [], {}
+    runners = {"sitk_bspline": baselines.sitk_bspline}
+    if baselines.ants_available():
+        runners["ants_syn"] = baselines.ants_syn
+    else:
+        skipped["ants_syn"] = "antspyx not importable"
+    for size in args.sizes:
+        pair = _pairs(args, device)[size]
+        for name in args.classic:
+            if name not in runners:
+                continue
+            context = {"size": list(size), "method": name}
+            rows.append(_attempt(context, _classic_row, runners[name], pair, name, size))
+    return {"rows": rows, "skipped": skipped}
+
+
+SECTIONS = {  # the order of --section all: the per-method results first
+    "methods": section_methods,
+    "instance": section_instance,
+    "training": section_training,
+    "core": section_core,
+    "register": section_register,
+    "classic": section_classic,
+}
 
 
 def _md_core(core: dict) -> list[str]:
@@ -237,23 +629,60 @@ def _md_core(core: dict) -> list[str]:
     return lines
 
 
+def _sizes(values: list[str]) -> list[tuple[int, ...]]:
+    return [tuple(int(s) for s in size.split("x")) for size in values]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--section", nargs="+", default=["core"], choices=sorted(SECTIONS))
+    parser.add_argument("--section", nargs="+", default=["core"], choices=sorted(SECTIONS) + ["all"],
+                        help="all: every section (core methods training instance register classic)")
     parser.add_argument("--sizes", nargs="+", default=["160x192x224", "64x64x64"])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--ss-repeats", type=int, default=1, help="scaling and squaring repeats at >= 100^3")
     parser.add_argument("--amplitude", type=float, default=3.0, help="field amplitude (voxels)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed"))
+    parser.add_argument("--amp", action="store_true", help="autocast (bfloat16) the networks' forward passes")
+    parser.add_argument("--data", help="the OASIS pair folder (default ../shared/data/oasis3d_pair; "
+                        "a synthetic pair if absent)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS) + list(VARIANTS),
+                        choices=list(METHODS) + list(VARIANTS),
+                        help="methods section (training: no variants)")
+    parser.add_argument("--method-repeats", type=int, default=3, help="methods section repeats under 100^3")
+    parser.add_argument("--train-size", default="64x64x64")
+    parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations per method")
+    parser.add_argument("--instance-methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--steps", type=int, default=20, help="instance-optimisation steps")
+    parser.add_argument("--full-loop-sizes", nargs="*", default=None,
+                        help="sizes at which the full-resolution instance loop runs too (default: all)")
+    parser.add_argument("--classic", nargs="*", default=["sitk_bspline", "ants_syn"],
+                        choices=["sitk_bspline", "ants_syn"])
+    parser.add_argument("--out", default=None,
+                        help="output stem (default benchmarks/results/speed, speed_gpu on CUDA)")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the .md next to an existing JSON")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(Path(args.render).read_text())
         write_markdown(report, Path(args.render).with_suffix(".md"))
         return
-    args.sizes = [tuple(int(s) for s in size.split("x")) for size in args.sizes]
+    global DATA
+    DATA = Path(args.data) if args.data else DATA  # the core section reads its image from here too
+    args.data = str(DATA)
+    if "all" in args.section:
+        args.section = list(SECTIONS)
+    args.sizes = _sizes(args.sizes)
+    args.train_size = _sizes([args.train_size])[0]
+    args.full_loop_sizes = args.sizes if args.full_loop_sizes is None else _sizes(args.full_loop_sizes)
     device = torch.device(args.device)
+    if device.type == "cpu":
+        try:  # regnet_zoo.api needs SimpleITK
+            from regnet_zoo.api.methods import use_all_cores
+
+            use_all_cores()
+        except ImportError:
+            pass
+    else:
+        torch.backends.cudnn.benchmark = True
     env = {
         "torch": torch.__version__,
         "numba": getattr(_fast.numba, "__version__", None),
@@ -261,39 +690,183 @@ def main(argv=None) -> None:
         "torch_num_threads": torch.get_num_threads(),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
         "fast_available": _fast.available(),
+        "amp": "bfloat16 autocast of the networks' forward passes" if args.amp else None,
         "note": "implementations interleaved per repeat on a shared machine; medians",
         "memory": "CUDA max_memory_allocated" if device.type == "cuda" else "peak VmRSS over entry (1 ms)",
     }
-    settings = {k: (v if k != "sizes" else [list(s) for s in v]) for k, v in vars(args).items()}
-    report = {"env": env, "args": settings}
+    settings = {
+        k: [list(s) for s in v] if k in ("sizes", "full_loop_sizes") else list(v) if k == "train_size" else v
+        for k, v in vars(args).items()
+    }
+    default = "speed_gpu" if device.type == "cuda" else "speed"
+    stem = args.out or str(ROOT / "benchmarks" / "results" / default)
+    out = Path(stem).with_suffix(".json")
+    # sections not run this time keep their earlier results (each new section carries its own env / args;
+    # the top-level env / args belong to the core section)
+    report = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.section:
-        report[name] = SECTIONS[name](args, device)
-    if _fast.numba is not None:
-        try:
-            env["numba_threading_layer"] = _fast.numba.threading_layer()
-        except ValueError:
-            pass
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    write_markdown(report, out.with_suffix(".md"))
-    print("wrote", out.with_suffix(".json"), out.with_suffix(".md"))
+        load_start = _load()
+        result = SECTIONS[name](args, device)
+        if _fast.numba is not None:
+            try:
+                env["numba_threading_layer"] = _fast.numba.threading_layer()
+            except ValueError:
+                pass
+        if name == "core":
+            report.update(env=dict(env), args={**settings, "section": ["core"]}, core=result)
+        else:
+            result.update(env={**env, "load_average_start": load_start, "load_average_end": _load()},
+                          args=settings)
+            report[name] = result
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1) + "\n")  # after every section: a crash keeps the rest
+        write_markdown(report, out.with_suffix(".md"))
+    print("wrote", out, out.with_suffix(".md"))
+
+
+def _md_env(env: dict, args: dict, name: str) -> str:
+    amp = " --amp" if args.get("amp") else ""
+    return (
+        f"`python benchmarks/speed.py --section {name} --device {args.get('device', 'cpu')}{amp}` on "
+        f"{env['device']} ({env['cpu']}, {env.get('cpu_count')} cores), torch {env['torch']} with "
+        f"{env['torch_num_threads']} threads; memory: {env['memory']}; load average "
+        f"{env.get('load_average_start')} -> {env.get('load_average_end')}."
+    )
+
+
+def _size(row: dict) -> str:
+    return "x".join(map(str, row["size"]))
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _md_methods(sec: dict) -> list[str]:
+    header = ["size", "method", "weights", "seconds", "CPU seconds", "peak MiB", "Dice (identity)"]
+    return _table(header, [
+        [_size(r), r["method"], r["weights"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.1f}",
+         f"{r['peak_mib']:.0f}", f"{r['dice']:.3f} ({r['dice_identity']:.3f})"]
+        for r in sec["rows"]
+    ])
+
+
+def _md_training(sec: dict) -> list[str]:
+    header = ["size", "method", "iterations/s", "s / iteration", "CPU s / iteration", "peak MiB"]
+    return _table(header, [
+        [_size(r), r["method"], f"{r['iterations_per_second']:.3f}", f"{r['seconds_per_iteration']:.2f}",
+         f"{r['cpu_seconds_per_iteration']:.2f}", f"{r['peak_mib']:.0f}"]
+        for r in sec["rows"]
+    ])
+
+
+def _md_instance(sec: dict) -> list[str]:
+    header = ["size", "method", "steps", "schedule (factor, steps)", "coarse-to-fine s (CPU s)",
+              "full-resolution s (CPU s)", "Dice: network -> coarse-to-fine / full-resolution",
+              "peak MiB c2f / full"]
+    rows = []
+    for r in sec["rows"]:
+        full = "full_resolution_s" in r
+        rows.append([
+            _size(r), r["method"], str(r["steps"]), str(r["schedule"]),
+            f"{r['coarse_to_fine_s']:.1f} ({r['coarse_to_fine_cpu_s']:.1f})",
+            f"{r['full_resolution_s']:.1f} ({r['full_resolution_cpu_s']:.1f})" if full else "-",
+            f"{r['dice_start']:.3f} -> {r['coarse_to_fine_dice']:.3f} / "
+            + (f"{r['full_resolution_dice']:.3f}" if full else "-"),
+            f"{r['coarse_to_fine_peak_mib']:.0f} / "
+            + (f"{r['full_resolution_peak_mib']:.0f}" if full else "-"),
+        ])
+    return _table(header, rows)
+
+
+def _md_register(sec: dict) -> list[str]:
+    rows = [
+        [_size(r), r["method"], str(r["steps"]), f"{r['seconds']:.1f} ({r['cpu_seconds']:.1f})",
+         ", ".join(f"{k}: {v:.1f}" for k, v in (r.get("stage_s") or {}).items())]
+        for r in sec["rows"]
+    ]
+    return _table(["size", "method", "steps", "total s (CPU s)", "stages s"], rows)
+
+
+def _md_classic(sec: dict) -> list[str]:
+    rows = [
+        [_size(r), r["method"], f"{r['seconds']:.1f}", f"{r['cpu_seconds']:.1f}", f"{r['peak_mib']:.0f}",
+         f"{r['dice']:.3f}"]
+        for r in sec["rows"]
+    ]
+    return _table(["size", "method", "seconds", "CPU seconds", "peak MiB", "Dice"], rows)
+
+
+def _md_goals(report: dict) -> list[str]:
+    """The issue's goals against the measured rows (wall seconds; the same run where possible)."""
+    def measured(name):
+        return {(_size(r), r["method"]): r for r in report.get(name, {}).get("rows", []) if "error" not in r}
+
+    methods, classic = measured("methods"), measured("classic")
+    lines = []
+    for (size, name), ref in sorted(classic.items()):
+        if name != "sitk_bspline":
+            continue
+        for (msize, method), r in sorted(methods.items()):
+            if msize == size:
+                ratio = ref["seconds"] / r["seconds"]
+                lines.append(f"- {size}: {method} {ratio:.0f}x faster than SimpleITK B-spline "
+                             f"({'met' if ratio >= 50 else 'NOT met'}: goal >= 50x)")
+    if ("64x64x64", "pwc") in methods:
+        s = methods[("64x64x64", "pwc")]["seconds"]
+        lines.append(f"- PWC at 64^3: {s:.2f} s ({'met' if s <= 4.83 else 'NOT met'}: paper 4.83 s on a CPU)")
+    if ("160x192x224", "regnet") in methods:
+        s = methods[("160x192x224", "regnet")]["seconds"]
+        lines.append(f"- RegNet dense 160x192x224: {s:.1f} s ({'met' if s < 60 else 'NOT met'}: goal < 60 s)")
+    return lines
+
+
+_MD_SECTIONS = {
+    "methods": ("Registration per method (network forward, the inference path of `register`)", _md_methods),
+    "training": ("Training iterations per second (batch 1)", _md_training),
+    "instance": ("Instance optimisation per pair (from the network's output; float32)", _md_instance),
+    "register": ("`regnet-zoo register --instance-opt` end to end (API, affine off)", _md_register),
+    "classic": ("Classic baselines on the same pair", _md_classic),
+}
 
 
 def write_markdown(report: dict, path: Path) -> None:
-    env, sections = report["env"], report["args"]["section"]
-    md = [
-        f"# Speed ({', '.join(sections)})",
-        "",
-        f"`python benchmarks/speed.py --section {' '.join(sections)}` on {env['device']} "
-        f"({env['cpu']}), torch {env['torch']} with {env['torch_num_threads']} threads, numba {env['numba']} "
-        f"({env['numba_threading_layer']} layer). {env['note']}; memory: {env['memory']}.",
-        "",
-    ]
+    md = ["# Speed", ""]
     if "core" in report:
-        md += _md_core(report["core"])
-    path.write_text("\n".join(md) + "\n")
+        env, sections = report["env"], report["args"]["section"]
+        md += [
+            f"## Core operations ({', '.join(sections)})",
+            "",
+            f"`python benchmarks/speed.py --section {' '.join(sections)}` on {env['device']} "
+            f"({env['cpu']}), torch {env['torch']} with {env['torch_num_threads']} threads, "
+            f"numba {env['numba']} ({env['numba_threading_layer']} layer). {env['note']}; "
+            f"memory: {env['memory']}.",
+            "",
+        ]
+        md += _md_core(report["core"]) + [""]
+    for name, (title, render) in _MD_SECTIONS.items():
+        sec = report.get(name)
+        if sec is None:
+            continue
+        md += [f"## {title}", "", _md_env(sec["env"], sec["args"], name), ""]
+        if sec.get("pair"):
+            md += [f"Pair: {sec['pair']}.", ""]
+        if sec.get("skipped") and not sec.get("rows"):
+            md += [f"Skipped: {sec['skipped']}.", ""]
+            continue
+        rows = sec.get("rows", [])
+        md += render({**sec, "rows": [r for r in rows if "error" not in r]}) + [""]
+        md += [f"- {r.get('size', '')} {r['method']}: failed: {r['error']}" for r in rows if "error" in r]
+        if sec.get("skipped"):
+            md += [f"Skipped: {sec['skipped']}.", ""]
+    goals = _md_goals(report)
+    if goals:
+        md += ["## Goals (issue 15)", ""] + goals + [""]
+    path.write_text("\n".join(md))
+
 
 if __name__ == "__main__":
     main()

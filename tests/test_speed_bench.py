@@ -1,0 +1,52 @@
+"""benchmarks/speed.py: the per-method sections run end to end at a tiny size (synthetic pair), merge into
+an existing JSON without touching the core section, and record a failing method instead of stopping."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import speed  # noqa: E402
+
+
+@pytest.mark.timeout(120)
+def test_sections_merge_into_existing_json(tmp_path):
+    out = tmp_path / "speed"
+    keys = ("cpu", "torch", "torch_num_threads", "numba", "numba_threading_layer", "note", "memory")
+    env = dict.fromkeys(keys, "x")
+    core = {"env": {**env, "device": "cpu"}, "args": {"section": ["core"]}, "core": {"rows": []}}
+    out.with_suffix(".json").write_text(json.dumps(core))
+    speed.main([
+        "--section", "methods", "instance", "--sizes", "32x32x32", "--methods", "bspline_unet",
+        "--instance-methods", "bspline_unet", "--steps", "4", "--method-repeats", "1",
+        "--data", str(tmp_path / "absent"), "--out", str(out),
+    ])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["core"] == core["core"] and report["env"] == core["env"]
+    (row,) = report["methods"]["rows"]
+    assert row["method"] == "bspline_unet" and row["seconds"] > 0 and 0 <= row["dice"] <= 1
+    assert "synthetic" in report["methods"]["pair"]["32x32x32"]
+    (inst,) = report["instance"]["rows"]
+    assert inst["coarse_to_fine_s"] > 0 and inst["full_resolution_s"] > 0
+    assert report["instance"]["env"]["device"] == "cpu" and report["instance"]["args"]["steps"] == 4
+    md = out.with_suffix(".md").read_text()
+    assert "| 32x32x32 | bspline_unet | untrained (random init) |" in md
+
+
+def test_a_failing_method_is_recorded_not_raised():
+    def broken():
+        raise ValueError("needs inputs of at least 54 voxels")
+
+    row = speed._attempt({"method": "regnet"}, broken)
+    assert row == {"method": "regnet", "error": "ValueError: needs inputs of at least 54 voxels"}
+
+
+def test_synthetic_pair_is_labelled_and_shaped():
+    pair = speed.load_pair((24, 20, 16), Path("/nonexistent"))
+    assert pair["fixed"].shape == pair["fixed_label"].shape == (1, 1, 24, 20, 16)
+    assert "synthetic" in pair["source"] and set(pair["evaluation"]) == {1, 2, 3}
