@@ -289,8 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
+        # no cudnn.benchmark: PWC and RegNet meet dozens of convolution shapes, and autotuning each one made
+        # their first iteration take about 100 s on an H200 (a 48 s budget per method)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
     methods = list(METHODS) if args.methods == ["all"] else args.methods
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

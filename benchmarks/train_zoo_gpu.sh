@@ -6,6 +6,8 @@
 #
 # Writes $OUT/weights/<method>_<2d|3d>.{pt,json} and the logs; copy the weights into regnet_zoo/pretrained/ and
 # rewrite the model cards with `python benchmarks/zoo_eval.py ... --cards`. Runs on CPU too (DEVICE=cpu).
+# Run it alone on the machine: the one try so far (2026-11-26, H200, 0.8 min per method) shared the 16 CPU cores
+# with 13 benchmark processes, and with cudnn autotuning on, PWC and RegNet got one iteration each.
 set -u
 OUT=${OUT:-/tmp/zoo}
 MINUTES=${MINUTES:-0.8}
