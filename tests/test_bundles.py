@@ -171,15 +171,17 @@ def test_ckpt_export_runs_at_two_sizes_and_equals_eager(method, spatial_dims, tm
     with torch.no_grad():  # away from the zero-initialised output layers: every path contributes to the DDF
         for param in net.parameters():
             param.add_(0.02 * torch.randn(param.shape, generator=generator))
-    torch.save(net.state_dict(), tmp_path / "model.pt")
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")  # models/model.pt keeps it under "model"
     shapes = EXPORT_SHAPES[spatial_dims]
     if method == "bspline_unet" and spatial_dims == 3:
         shapes = EXPORT_SHAPES_3D_BSPLINE
+    # the command of bundles/README.md ("Commands"), with this bundle's files
     monai_bundle("ckpt_export", "ddf_network", "--filepath", str(tmp_path / "model.ts"),
-                 "--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(folder / "metadata.json"),
-                 "--config_file", str(folder / "inference.yaml"), "--use_trace", "True",
-                 "--input_shape", json.dumps(list(shapes[0])), "--spatial_dims", str(spatial_dims),
-                 "--converter_kwargs", "{'check_trace': False}")
+                 "--ckpt_file", str(tmp_path / "model.pt"), "--key_in_ckpt", "model",
+                 "--meta_file", str(folder / "metadata.json"),
+                 "--config_file", str(folder / "inference.yaml"),
+                 "--use_trace", "True", "--input_shape", json.dumps(list(shapes[0])),
+                 "--converter_kwargs", "{'check_trace': False}", "--spatial_dims", str(spatial_dims))
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     eager = DDFOutput(net)
     for shape in shapes:
@@ -188,7 +190,7 @@ def test_ckpt_export_runs_at_two_sizes_and_equals_eager(method, spatial_dims, tm
             expected = eager(pair)
             got = exported(pair)
         assert expected.shape == (shape[0], spatial_dims, *shape[2:])
-        # a field of voxel size, not a near-zero one that any wrong trace would match within tolerance
+        # a non-trivial field for every pair, not a near-zero one that a wrong trace would match in tolerance
         assert expected.abs().amax(dim=tuple(range(1, expected.ndim))).min() > 1e-2
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
