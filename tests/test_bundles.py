@@ -150,34 +150,50 @@ def test_verify_net_in_out_2d_and_3d(method, tmp_path):
                      "--device", "cpu", "--_meta_#network_data_format#outputs#pred#num_channels", "3")
 
 
-#: the networks whose traced TorchScript runs at sizes other than the export size (the others bake the traced
-#: size into Python-level shape arithmetic: bundles/README.md "Export")
-EXPORTABLE_ANY_SIZE = ("regnet",)
+#: ``ckpt_export`` example size (B, 2, *S) and a second size per spatial_dims: another batch size and spatial
+#: sizes that are neither the example's nor multiples of any network's stride (so padding paths differ)
+EXPORT_SHAPES = {2: ((1, 2, 32, 32), (2, 2, 45, 38)), 3: ((1, 2, 12, 12, 12), (2, 2, 13, 15, 11))}
+#: the B-spline U-Net's instance norms need more than one voxel at its coarsest level (eager too)
+EXPORT_SHAPES_3D_BSPLINE = ((1, 2, 32, 32, 32), (2, 2, 35, 33, 38))
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("method", METHODS)
-def test_ckpt_export_runs_at_two_sizes_and_equals_eager(method, tmp_path):
+def test_ckpt_export_runs_at_two_sizes_and_equals_eager(method, spatial_dims, tmp_path):
+    """MONAI's ``ckpt_export`` as on the command line (bundles/README.md), then the TorchScript file at the
+    export size and at another size, against the eager network with the same (randomised) weights."""
     from regnet_zoo.networks.pair import DDFOutput
 
-    if method not in EXPORTABLE_ANY_SIZE:
-        pytest.xfail(f"{method}: traced export is fixed to the export size (bundles/README.md, Export)")
     folder = bundle_dir(method) / "configs"
-    net = bundle_parser(method, "inference").get_parsed_content("network_def").eval()
-    torch.save(net.state_dict(), tmp_path / "model.pt")
+    net = bundle_parser(method, "inference", spatial_dims=spatial_dims).get_parsed_content("network_def")
+    net.eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # away from the zero-initialised output layers: every path contributes to the DDF
+        for param in net.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=generator))
+    torch.save({"model": net.state_dict()}, tmp_path / "model.pt")  # models/model.pt keeps it under "model"
+    shapes = EXPORT_SHAPES[spatial_dims]
+    if method == "bspline_unet" and spatial_dims == 3:
+        shapes = EXPORT_SHAPES_3D_BSPLINE
+    # the command of bundles/README.md ("Commands"), with this bundle's files
     monai_bundle("ckpt_export", "ddf_network", "--filepath", str(tmp_path / "model.ts"),
-                 "--ckpt_file", str(tmp_path / "model.pt"), "--meta_file", str(folder / "metadata.json"),
-                 "--config_file", str(folder / "inference.yaml"), "--use_trace", "True",
-                 "--input_shape", "[1, 2, 32, 32]")
+                 "--ckpt_file", str(tmp_path / "model.pt"), "--key_in_ckpt", "model",
+                 "--meta_file", str(folder / "metadata.json"),
+                 "--config_file", str(folder / "inference.yaml"),
+                 "--use_trace", "True", "--input_shape", json.dumps(list(shapes[0])),
+                 "--converter_kwargs", "{'check_trace': False}", "--spatial_dims", str(spatial_dims))
     exported = torch.jit.load(str(tmp_path / "model.ts"))
     eager = DDFOutput(net)
-    generator = torch.Generator().manual_seed(0)
-    for shape in ((1, 2, 32, 32), (2, 2, 48, 40)):
+    for shape in shapes:
         pair = torch.rand(shape, generator=generator)
         with torch.no_grad():
             expected = eager(pair)
             got = exported(pair)
-        assert expected.shape == (shape[0], 2, *shape[2:]) and expected.abs().max() > 0
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        assert expected.shape == (shape[0], spatial_dims, *shape[2:])
+        # a non-trivial field for every pair, not a near-zero one that a wrong trace would match in tolerance
+        assert expected.abs().amax(dim=tuple(range(1, expected.ndim))).min() > 1e-2
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
 # ---- the wheel: bundles ship inside the package; outputs go to a user-writable place

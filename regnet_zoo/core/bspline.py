@@ -16,11 +16,12 @@ Evaluation is separable: one ``(S_i, C_i)`` basis matrix per axis, applied by ``
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from regnet_zoo.core.tracing import as_size, ceil_div
 
 __all__ = ["bspline_ddf", "control_grid_shape", "bspline_basis_matrix", "cubic_bspline", "BSplineTransformer"]
 
@@ -43,7 +44,7 @@ def cubic_bspline(t: Tensor) -> Tensor:
 def control_grid_shape(shape: Sequence[int], control_spacing: int | Sequence[int]) -> tuple[int, ...]:
     """Control-point grid size ``C_i = ceil((S_i - 1) / s_i) + 3`` covering an image of ``shape``."""
     spacing = _per_axis(control_spacing, len(shape), "control_spacing")
-    return tuple(math.ceil((int(n) - 1) / s) + 3 for n, s in zip(shape, spacing, strict=True))
+    return tuple(ceil_div(as_size(n) - 1, s) + 3 for n, s in zip(shape, spacing, strict=True))
 
 
 def bspline_basis_matrix(
@@ -76,7 +77,7 @@ def bspline_ddf(control_points: Tensor, shape: Sequence[int], control_spacing: i
     out = control_points
     for axis in range(ndim):
         basis = bspline_basis_matrix(
-            int(shape[axis]), expected[axis], spacing[axis], control_points.dtype, control_points.device
+            as_size(shape[axis]), expected[axis], spacing[axis], control_points.dtype, control_points.device
         )
         # contract spatial dim (2 + axis) with the basis, then put the new axis back in place
         out = torch.movedim(torch.tensordot(out, basis, dims=([2 + axis], [1])), -1, 2 + axis)

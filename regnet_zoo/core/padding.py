@@ -38,7 +38,8 @@ def pad_to_multiple(
         before.append(total // 2 if centred else 0)
         after.append(total - before[-1])
     index = (slice(None), slice(None)) + tuple(slice(b, b + s) for b, s in zip(before, sizes, strict=True))
-    if not any(before) and not any(after):
+    # (traced sizes: always pad, possibly by 0, so that an export pads whatever size it is given)
+    if not torch.jit.is_tracing() and not any(before) and not any(after):
         return x, index
     # F.pad lists the last axis first
     flat = [p for b, a in zip(reversed(before), reversed(after), strict=True) for p in (b, a)]

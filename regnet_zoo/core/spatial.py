@@ -41,6 +41,7 @@ from regnet_zoo.core.geometry import (  # noqa: F401  (re-exported: one definiti
     physical_to_voxel,
     voxel_to_physical,
 )
+from regnet_zoo.core.tracing import as_size, size_max, size_tensor
 
 __all__ = [
     "identity_grid",
@@ -87,12 +88,16 @@ def identity_grid(shape: Sequence[int], device=None, dtype: torch.dtype = torch.
 
     ``shape`` is ``S`` (``(H, W)`` or ``(D, H, W)``).
     """
-    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    # as_size: a traced size stays traced, so the grid follows the input's size in a TorchScript export
+    axes = [torch.arange(as_size(n), device=device, dtype=dtype) for n in shape]
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
 
 
 def _broadcast_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Expand batch size 1 of ``a`` or ``b`` to the other's batch size."""
+    if torch.jit.is_tracing():  # batch sizes are traced values: no Python branch, so an export broadcasts too
+        batch = torch.maximum(torch.as_tensor(a.shape[0]), torch.as_tensor(b.shape[0]))
+        return a.expand(batch, *a.shape[1:]), b.expand(batch, *b.shape[1:])
     if a.shape[0] == b.shape[0]:
         return a, b
     if a.shape[0] == 1:
@@ -105,7 +110,7 @@ def _broadcast_batch(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 def _grid_sample(image: Tensor, coords: Tensor, mode: str, padding_mode: str) -> Tensor:
     """``grid_sample`` at voxel ``coords`` ``(B, N, *T)`` (array-axis order) -> ``(B, C, *T)``."""
     sizes = image.shape[2:]
-    normalised = [coords[:, i] * (2.0 / max(n - 1, 1)) - 1.0 for i, n in enumerate(sizes)]
+    normalised = [coords[:, i] * (2.0 / size_max(n - 1, 1)) - 1.0 for i, n in enumerate(sizes)]
     # grid_sample wants the last dimension in (x, y[, z]) order, i.e. reversed array axes
     grid = torch.stack(normalised[::-1], dim=-1)
     return F.grid_sample(image, grid, mode=mode, padding_mode=padding_mode, align_corners=True)
@@ -337,7 +342,7 @@ def resize_ddf(ddf: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor
     fields that are linear and ``mode="linear"``).
     """
     _check_ddf(ddf)
-    size = tuple(int(s) for s in size)
+    size = tuple(as_size(s) for s in size)  # traced sizes stay traced (TorchScript export at any size)
     old = ddf.shape[2:]
     if len(size) != len(old):
         raise ValueError(f"size {size} must have {len(old)} entries")
@@ -347,9 +352,10 @@ def resize_ddf(ddf: Tensor, size: Sequence[int], mode: str = "linear") -> Tensor
     ]
     coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
     resampled = sample_image(ddf, coords, mode=mode, padding_mode="border")
-    scale = [(n - 1) / (o - 1) if n > 1 and o > 1 else 1.0 for n, o in zip(size, old, strict=True)]
-    scale = torch.tensor(scale, device=ddf.device, dtype=ddf.dtype).view(1, -1, *([1] * len(size)))
-    return resampled * scale
+    # float64 sizes: the same numbers as Python's float division, traced or not
+    new_sizes, old_sizes = size_tensor(size, ddf.device), size_tensor(old, ddf.device)
+    scale = torch.where((new_sizes > 1) & (old_sizes > 1), (new_sizes - 1) / (old_sizes - 1), 1.0)
+    return resampled * scale.to(ddf.dtype).view(1, -1, *([1] * len(size)))
 
 
 class Warper(nn.Module):

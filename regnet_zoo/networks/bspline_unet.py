@@ -11,7 +11,6 @@ Deviations from the paper: ``bundles/bspline_unet/README.md``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +21,7 @@ from regnet_zoo.core.bspline import bspline_ddf, control_grid_shape
 from regnet_zoo.core.losses import curvature_loss, label_values, ngf_loss, one_hot_labels
 from regnet_zoo.core.padding import pad_to_multiple
 from regnet_zoo.core.spatial import identity_grid, sample_image, warp_image
+from regnet_zoo.core.tracing import ceil_div
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -41,7 +41,7 @@ PAPER_TERM_SCALES = (1.0, 1.5e-3, 1e-5)
 
 def level_shape(shape: Sequence[int], level: int) -> tuple[int, ...]:
     """Spatial size of pyramid level ``level`` of an image of ``shape``: ``ceil(S / 2**level)``."""
-    return tuple(math.ceil(int(n) / 2**level) for n in shape)
+    return tuple(ceil_div(n, 2**level) for n in shape)  # traced sizes stay traced (TorchScript export)
 
 
 def downsample_to_level(x: Tensor, level: int) -> Tensor:

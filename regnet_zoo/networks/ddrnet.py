@@ -31,6 +31,7 @@ from regnet_zoo.core.integration import scaling_and_squaring
 from regnet_zoo.core.losses import kl_svf_loss, lncc_loss, mse_loss, warped_label_dice_loss
 from regnet_zoo.core.padding import replicate_pad
 from regnet_zoo.core.spatial import resize_ddf, warp_image
+from regnet_zoo.core.tracing import as_size, ceil_div, size_max, size_tensor
 from regnet_zoo.networks.pair import split_pair
 from regnet_zoo.networks.unet import RegistrationUNet
 
@@ -90,18 +91,20 @@ def chunk_layout(size: Sequence[int], chunks_per_axis: int = 2, overlap: int = 8
         raise ValueError(f"overlap must be a non-negative even number of voxels, got {overlap}")
     n = chunks_per_axis
     padded, before, chunk, starts = [], [], [], []
+    # traced sizes stay traced values (core.tracing), so a TorchScript export lays out any input size
+    size = tuple(as_size(s) for s in size)
     for s in size:
-        c = max(-(-(int(s) + (n - 1) * overlap) // n), 2 * overlap if n > 2 else overlap + 1)
+        c = size_max(ceil_div(s + (n - 1) * overlap, n), 2 * overlap if n > 2 else overlap + 1)
         p = n * c - (n - 1) * overlap
-        if p % 2:  # only possible for odd n (overlap is even): one more voxel per chunk flips the parity
-            c += 1
-            p += n
+        # p is odd only for odd n (overlap is even): one more voxel per chunk flips the parity (no branch)
+        odd = p % 2
+        c, p = c + odd, p + n * odd
         padded.append(p)
-        before.append((p - int(s)) // 2)
+        before.append((p - s) // 2)
         chunk.append(c)
         starts.append(tuple(j * (c - overlap) for j in range(n)))
     return ChunkLayout(
-        size=tuple(int(s) for s in size),
+        size=size,
         padded_size=tuple(padded),
         pad_before=tuple(before),
         half_size=tuple(p // 2 for p in padded),
@@ -116,7 +119,7 @@ def pad_to_layout(x: Tensor, layout: ChunkLayout) -> Tensor:
     pads = []
     for s, p, b in reversed(list(zip(layout.size, layout.padded_size, layout.pad_before, strict=True))):
         pads += [b, p - s - b]
-    return F.pad(x, pads) if any(pads) else x
+    return F.pad(x, pads) if torch.jit.is_tracing() or any(pads) else x
 
 
 def crop_from_layout(x: Tensor, layout: ChunkLayout) -> Tensor:
@@ -200,7 +203,7 @@ def downsample_image(x: Tensor, size: Sequence[int]) -> Tensor:
         weight = kernel.reshape(1, 1, *shape).expand(channels, 1, *shape)
         x = conv(replicate_pad(x, [axis + 2], 1), weight, groups=channels)
     mode = "bilinear" if spatial_dims == 2 else "trilinear"
-    return F.interpolate(x, size=tuple(int(s) for s in size), mode=mode, align_corners=True)
+    return F.interpolate(x, size=tuple(as_size(s) for s in size), mode=mode, align_corners=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -369,8 +372,8 @@ class DDRNet(nn.Module):
         # variance of the average of independent fields; resize_ddf scales values by ~2 (velocity units), so
         # a second factor gives the variance scale (~4); the chunk variances are blended with the same weights
         var_g = resize_ddf(log_var_g.exp(), layout.padded_size)
-        scale = (torch.tensor(layout.padded_size, dtype=var_g.dtype) - 1) / (
-            torch.tensor(layout.half_size, dtype=var_g.dtype) - 1
+        scale = (size_tensor(layout.padded_size, dtype=var_g.dtype) - 1) / (
+            size_tensor(layout.half_size, dtype=var_g.dtype) - 1
         )
         var_g = var_g * scale.to(var_g.device).reshape(1, -1, *([1] * self.spatial_dims))
         log_var = torch.log(0.25 * (var_g + merge_chunks(log_var_c.exp(), layout, weights)))

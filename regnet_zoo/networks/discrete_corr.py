@@ -173,7 +173,7 @@ def approximate_min_convolution(cost: torch.Tensor, avg_kernel: int = 5, min_ker
     a cheap lower envelope that lets neighbouring displacements support each other (deeds' displacement
     compatibility).
     """
-    b, num, *size = (int(s) for s in cost.shape)
+    b, num, *size = cost.shape  # b and size stay traced values in a TorchScript export
     spatial_dims = len(size)
     side = _grid_side(num, spatial_dims)
     pad = (avg_kernel - 1) + (min_kernel - 1) // 2

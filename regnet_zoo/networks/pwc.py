@@ -32,6 +32,7 @@ from regnet_zoo.core.correlation import correlation_volume
 from regnet_zoo.core.losses import diffusion_loss, global_ncc, lncc_loss, warped_label_dice_loss
 from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf, upsample_ddf_from_level
 from regnet_zoo.core.spatial import compose_ddf, warp_image
+from regnet_zoo.core.tracing import size_max, size_tensor
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -54,6 +55,13 @@ def _batch_norm(spatial_dims: int) -> type[nn.Module]:
 
 def normalized_grid(shape: Sequence[int], device=None, dtype=None) -> torch.Tensor:
     """Voxel centres in normalised coordinates ``(N, *shape)``: axis ``i`` runs -1 .. 1 (0 for size 1)."""
+    if torch.jit.is_tracing():  # sizes are traced values: no branch on them, so an export runs at any size
+        axes = [
+            torch.arange(n, device=device, dtype=dtype) * (2.0 / size_max(n - 1, 1))
+            - torch.as_tensor(n > 1, dtype=dtype, device=device)
+            for n in shape
+        ]
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0)
     axes = [
         torch.linspace(-1.0, 1.0, n, device=device, dtype=dtype)
         if n > 1
@@ -65,7 +73,8 @@ def normalized_grid(shape: Sequence[int], device=None, dtype=None) -> torch.Tens
 
 def _half_extent(shape: Sequence[int], device=None, dtype=None) -> torch.Tensor:
     """Voxels per normalised unit along each axis, ``(N,)`` (``(n - 1) / 2``; 1 for a size-1 axis)."""
-    return torch.tensor([(n - 1) / 2.0 if n > 1 else 1.0 for n in shape], device=device, dtype=dtype)
+    sizes = size_tensor(shape, device)  # float64: the same numbers as Python's float arithmetic
+    return torch.where(sizes > 1, (sizes - 1) / 2.0, 1.0).to(dtype or torch.get_default_dtype())
 
 
 def affine_ddf(theta: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

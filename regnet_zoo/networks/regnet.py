@@ -21,7 +21,6 @@ averaged in 2-voxel blocks; both feature maps then sit on the same half-voxel gr
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -31,6 +30,7 @@ from monai.networks.layers.factories import Act, Conv, Norm, Pool
 from torch import nn
 
 from regnet_zoo.core.spatial import warp_image
+from regnet_zoo.core.tracing import ceil_div, size_min
 from regnet_zoo.networks.pair import split_pair
 
 __all__ = [
@@ -207,14 +207,14 @@ class RegNet(nn.Module):
         if not self.multi_scale:  # the output grid of the multi-scale network, so both variants align
             low_conv_layers = _STEM_LAYERS + _LOW_LAYERS
             sizes = [
-                min(a, (s - o) // 2 - 2 * low_conv_layers)
+                size_min(a, (s - o) // 2 - 2 * low_conv_layers)
                 for a, s, o in zip(pooled.shape[2:], fixed.shape[2:], offsets, strict=True)
             ]
             return self._regress(_crop(pooled, [0] * len(sizes), sizes), None)
         low = self._low_res_features(
             self._downsample(_crop(fixed, offsets)), self._downsample(_crop(moving, offsets))
         )
-        sizes = [min(a, b) for a, b in zip(pooled.shape[2:], low.shape[2:], strict=True)]
+        sizes = [size_min(a, b) for a, b in zip(pooled.shape[2:], low.shape[2:], strict=True)]
         return self._regress(_crop(pooled, [0] * len(sizes), sizes), _crop(low, [0] * len(sizes), sizes))
 
     def dense_valid(
@@ -236,14 +236,14 @@ class RegNet(nn.Module):
             )
         high = self._high_res_features(fixed, moving)
         if stride_only:
-            coarse = [math.ceil(s / 2) for s in sizes]
+            coarse = [ceil_div(s, 2) for s in sizes]
             return _crop(
                 self._phase_output(high, fixed, moving, [1] * self.spatial_dims), [0] * len(sizes), coarse
             )
         out = high.new_zeros((fixed.shape[0], self.spatial_dims, *sizes))
         for phase in itertools.product((0, 1), repeat=self.spatial_dims):
             offsets = [1 - p for p in phase]
-            counts = [math.ceil((s - o) / 2) for s, o in zip(sizes, offsets, strict=True)]
+            counts = [ceil_div(s - o, 2) for s, o in zip(sizes, offsets, strict=True)]
             if min(counts) < 1:
                 continue
             predicted = _crop(self._phase_output(high, fixed, moving, phase), [0] * len(counts), counts)
@@ -261,13 +261,20 @@ class RegNet(nn.Module):
         fixed_pad = F.pad(fixed, pad, mode=self.padding_mode)
         moving_pad = F.pad(moving, pad, mode=self.padding_mode)
         stride_only = self.dense_mode == "interpolate"
-        tiles = self.tile_size if self.tile_size is not None else shape
-        tiles = [int(tiles)] * n if np.isscalar(tiles) else [int(t) for t in tiles]
-        tiles = [max(2, t + t % 2) for t in tiles]  # even: tiles start on the even (stride) grid
-        out_shape = [math.ceil(s / 2) for s in shape] if stride_only else shape
+        if self.tile_size is None:
+            # one tile, with no Python arithmetic on the sizes: a traced export follows the input's size
+            tiling = [([0] * n, shape)]
+        else:
+            tiles = self.tile_size
+            tiles = [int(tiles)] * n if np.isscalar(tiles) else [int(t) for t in tiles]
+            tiles = [max(2, t + t % 2) for t in tiles]  # even: tiles start on the even (stride) grid
+            tiling = [
+                (starts, [min(tile, s - t) for s, t, tile in zip(shape, starts, tiles, strict=True)])
+                for starts in itertools.product(*[range(0, s, t) for s, t in zip(shape, tiles, strict=True)])
+            ]
+        out_shape = [ceil_div(s, 2) for s in shape] if stride_only else shape
         out = fixed.new_zeros((fixed.shape[0], n, *out_shape))
-        for starts in itertools.product(*[range(0, s, t) for s, t in zip(shape, tiles, strict=True)]):
-            sizes = [min(tile, s - t) for s, t, tile in zip(shape, starts, tiles, strict=True)]
+        for starts, sizes in tiling:
             window = [z + LOW_RES_PATCH - 1 for z in sizes]
             part = self.dense_valid(
                 _crop(fixed_pad, starts, window), _crop(moving_pad, starts, window), stride_only
@@ -316,7 +323,7 @@ def _upsample_even_grid(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Ten
     pad: list[int] = []
     for s, c in reversed(list(zip(shape, covered, strict=True))):
         pad += [0, s - c]  # an even-length axis ends on an odd voxel past the last even one: hold the value
-    return F.pad(fine, pad, mode="replicate") if any(pad) else fine
+    return F.pad(fine, pad, mode="replicate") if torch.jit.is_tracing() or any(pad) else fine
 
 
 def extract_patches(
