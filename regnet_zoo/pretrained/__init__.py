@@ -1,9 +1,11 @@
 """Shipped weights: every method trained on synthetic pairs (``regnet_zoo.data.synthmorph``) by
 ``benchmarks/train_zoo.py``, in 2D and 3D, at a small working grid (:data:`WORKING_GRIDS`).
 
-None ship yet: the CPU-budget run of this session (4-500 iterations per method) did not beat the affine stage
-on the real pairs (``benchmarks/results/zoo_eval_*.md``), and weights that make registration worse must not
-be what ``register`` uses by default. The lookup below is in place for weights trained with a real budget.
+Whether a method's weights beat the affine stage on real pairs is measured by ``benchmarks/zoo_eval.py`` and
+stated in its model card (``--cards``).
+
+The folder is :data:`PRETRAINED_DIR` unless ``$REGNET_ZOO_PRETRAINED`` names another one (e.g. weights you
+trained with ``benchmarks/train_zoo.py --out DIR``): :func:`pretrained_dir`.
 
 Files (package data): ``<method>_<2d|3d>.pt`` (``{"model": state_dict, "regnet_zoo": metadata}``, the
 self-describing format of the pipeline's weights; the state dict may be half precision), the same metadata as
@@ -19,13 +21,17 @@ Which weights a method uses when none are given (:func:`default_weights`):
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "PRETRAINED_DIR",
+    "PRETRAINED_ENV",
     "WORKING_GRIDS",
+    "pretrained_dir",
+    "shipped_files",
     "weights_file",
     "shipped_weights",
     "default_weights",
@@ -35,13 +41,26 @@ __all__ = [
 ]
 
 PRETRAINED_DIR = Path(__file__).resolve().parent
+#: environment variable naming another folder of ``<method>_<dims>d.pt`` files to use instead
+PRETRAINED_ENV = "REGNET_ZOO_PRETRAINED"
 #: the working grid of the shipped weights (small enough for CPU training); images are resampled to it
 WORKING_GRIDS: dict[int, tuple[int, ...]] = {2: (128, 128), 3: (48, 48, 48)}
 
 
+def pretrained_dir() -> Path:
+    """The shipped-weights folder: ``$REGNET_ZOO_PRETRAINED`` when set, else :data:`PRETRAINED_DIR`."""
+    env = os.environ.get(PRETRAINED_ENV)
+    return Path(env).expanduser().resolve() if env else PRETRAINED_DIR
+
+
+def shipped_files(folder: str | Path | None = None) -> list[Path]:
+    """Every ``<method>_<2d|3d>.pt`` in ``folder`` (default :func:`pretrained_dir`), sorted."""
+    return sorted(Path(folder if folder is not None else pretrained_dir()).glob("*_[23]d.pt"))
+
+
 def weights_file(method: str, spatial_dims: int, folder: str | Path | None = None) -> Path:
-    """``<folder>/<method>_<2d|3d>.pt`` (default folder: :data:`PRETRAINED_DIR`; the file need not exist)."""
-    return Path(folder if folder is not None else PRETRAINED_DIR) / f"{method}_{int(spatial_dims)}d.pt"
+    """``<folder>/<method>_<2d|3d>.pt`` (default folder: :func:`pretrained_dir`; the file need not exist)."""
+    return Path(folder if folder is not None else pretrained_dir()) / f"{method}_{int(spatial_dims)}d.pt"
 
 
 def shipped_weights(method: str, spatial_dims: int) -> Path | None:
@@ -149,10 +168,10 @@ def _no_progress(val: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str
     ]
 
 
-def model_card(method: str, folder: str | Path = PRETRAINED_DIR, evaluation: Mapping | None = None) -> str:
+def model_card(method: str, folder: str | Path | None = None, evaluation: Mapping | None = None) -> str:
     """The model card (Markdown) of ``method``'s weights in ``folder``, from their JSON records and, when
     given, the real-data evaluation of ``benchmarks/zoo_eval.py`` (its JSON, ``rows``)."""
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else pretrained_dir()
     lines = [
         f"# {method}: shipped weights (synthetic training)",
         "",
