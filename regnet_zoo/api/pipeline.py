@@ -425,9 +425,9 @@ def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor
 
 
 #: the affine stage's settings beyond :func:`regnet_zoo.core.affine.affine_register`'s defaults: a finest
-#: level of up to 2^17 fixed voxels. Its default 8192 matches a 1 mm brain at about 8 mm, too coarse for pairs
-#: that are already roughly aligned: on oasis3d_pair it lowered the evaluation-label Dice (0.522 -> 0.513) where
-#: SimpleITK's affine raises it (0.527); at 2^17, 0.541 (``benchmarks/results/affine.md``).
+#: level of up to 2^17 fixed voxels. Its default 8192 matches a 1 mm brain at about 8 mm, too coarse for
+#: pairs that are already roughly aligned: on oasis3d_pair it lowered the evaluation-label Dice
+#: (0.522 -> 0.513) where SimpleITK's affine raises it (0.527); at 2^17, 0.541 (benchmarks/results/affine.md).
 AFFINE_STAGE_DEFAULTS: dict[str, Any] = {"max_voxels": 131072}
 
 
