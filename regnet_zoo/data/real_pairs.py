@@ -3,7 +3,8 @@
 
 - ``tiny_mr_pair`` (3D MR, 2 mm / 4 mm): anatomical <- reoriented_anat_moved, binary labels (Dice);
 - ``oasis3d_pair`` (3D T1, two subjects): the ``registration_val`` pairs of its ``dataset.json`` (both
-  directions), Dice over its 30 ``evaluation_labels`` only (the other FreeSurfer labels are set to 0);
+  directions), Dice over its 30 ``evaluation_labels`` only (:meth:`RealPair.inputs` sets the other
+  FreeSurfer labels to 0);
 - ``prostate_mr_us`` (3D, multi-modal): per case US (fixed) <- MR (moving); Dice on label channel 0 (the
   gland) only, TRE on the centroids of the landmark blobs (channels 1, 2, ... non-empty in both; 0 to 2);
 - ``head2d`` (2D, T1 fixed <- PD-like moving): head masks (Dice);
@@ -52,9 +53,14 @@ class RealPair:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def inputs(self) -> dict[str, Any]:
-        """The keyword arguments of ``regnet_zoo.api.pipeline.check_inputs`` / ``register``."""
+        """The keyword arguments of ``regnet_zoo.api.pipeline.check_inputs`` / ``register``; label files are
+        loaded here (not before), with every label outside :attr:`labels` set to background."""
         keys = ("fixed", "moving", "fixed_label", "moving_label", "fixed_landmarks", "moving_landmarks")
-        return {k: getattr(self, k) for k in keys}
+        out = {k: getattr(self, k) for k in keys}
+        for key in ("fixed_label", "moving_label"):
+            if isinstance(out[key], Path) and self.labels is not None:
+                out[key] = _only_labels(out[key], self.labels)
+        return out
 
 
 def shared_data_dir() -> Path:
@@ -132,8 +138,8 @@ def _oasis(folder: Path) -> list[RealPair]:
                 f"oasis3d_{f_id}<-{m_id}",
                 fixed,
                 moving,
-                _only_labels(folder / "labelsTr" / fixed.name, labels),
-                _only_labels(folder / "labelsTr" / moving.name, labels),
+                folder / "labelsTr" / fixed.name,
+                folder / "labelsTr" / moving.name,
                 labels=labels,
             )
         )
