@@ -204,3 +204,9 @@ def test_bundle_inference_and_label_app_default_to_shipped_weights(shipped, tmp_
     assert parser.get_parsed_content("image_size") == weights_image_size(path)
     config = LabelAppConfig.from_conf(tmp_path, {"models": method, "work_dir": str(tmp_path / "work")})
     assert config.weights_of(method, dims) == path
+    # and the bundle's inference runs with them as it is (built-in phantom pairs), writing fields
+    from regnet_zoo.bundle import run_bundle
+
+    run_bundle(method, "inference", bundle_root=str(tmp_path), spatial_dims=dims, device="cpu")
+    ddfs = sorted((tmp_path / "outputs").glob("*_ddf.nii.gz"))
+    assert ddfs, sorted((tmp_path / "outputs").iterdir())
