@@ -17,6 +17,7 @@ from regnet_zoo.pretrained import (
     PRETRAINED_DIR,
     PRETRAINED_ENV,
     default_weights,
+    model_card,
     pretrained_dir,
     shipped_files,
     weights_file,
@@ -210,3 +211,56 @@ def test_bundle_inference_and_label_app_default_to_shipped_weights(shipped, tmp_
     run_bundle(method, "inference", bundle_root=str(tmp_path), spatial_dims=dims, device="cpu")
     ddfs = sorted((tmp_path / "outputs").glob("*_ddf.nii.gz"))
     assert ddfs, sorted((tmp_path / "outputs").iterdir())
+
+
+def _zoo_eval():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import zoo_eval
+
+    return zoo_eval
+
+
+def test_zoo_eval_summary_and_card_say_where_a_method_loses():
+    """The evaluation's verdicts (beats the affine stage; reaches SimpleITK B-spline at <= 1/10 of its time)
+    and the model card's honest statement where a method does not."""
+    zoo_eval = _zoo_eval()
+    base = {"dataset": "prostate_mr_us", "pair": "p", "dims": 3, "status": "ok", "dice_initial": 0.3}
+    base.update(dice_affine=0.6, tre_initial=6.0, tre_affine=3.0, affine_s=1.0, affine_similarity="mi")
+    rows = [
+        {**base, "method": "pwc", "instance_opt": 0, "dice": 0.65, "tre": 2.5, "network_s": 1.0},
+        {**base, "method": "pwc", "instance_opt": 20, "dice": 0.70, "tre": 2.0, "network_s": 2.0},
+        {**base, "method": "ddrnet", "instance_opt": 0, "dice": 0.55, "tre": 2.5, "network_s": 0.5},
+        {**base, "method": "sitk_bspline", "instance_opt": 0, "dice": 0.70, "tre": 2.05, "network_s": 40.0},
+    ]
+    for row in rows:
+        row["beats_affine"] = zoo_eval._beats(row)
+    summary = {(s["method"], s["instance_opt"]): s for s in zoo_eval.summarise(rows)}
+    assert summary["pwc", 0]["beats_affine"] and summary["pwc", 0]["vs_bspline"] is False
+    assert summary["pwc", 20]["vs_bspline"] and summary["pwc", 20]["time_ratio"] == pytest.approx(0.05)
+    assert summary["pwc", 20]["bspline_goal"] and not summary["pwc", 0]["bspline_goal"]
+    assert summary["ddrnet", 0]["beats_affine"] is False  # Dice down although TRE is better
+    card = model_card("ddrnet", PRETRAINED_DIR, {"rows": list(summary.values())})
+    assert "does not beat the affine stage on: prostate_mr_us" in card
+    assert "Does not reach SimpleITK B-spline's accuracy" in card
+    card = model_card("pwc", PRETRAINED_DIR, {"rows": list(summary.values())})
+    assert "beats the affine stage on: prostate_mr_us" in card and "prostate_mr_us (20 steps)" in card
+
+
+def test_zoo_eval_demo_uses_the_weights_folder_and_writes_cards(made_weights, tmp_path, monkeypatch):
+    """`make demo`'s command on the weights of $REGNET_ZOO_PRETRAINED (no training): a real 2D pair (or a
+    built-in one without ../shared/data), rows for the method, and --cards writes its card there."""
+    zoo_eval = _zoo_eval()
+    monkeypatch.setenv(PRETRAINED_ENV, str(made_weights.parent))
+    monkeypatch.setenv("REGNET_ZOO_HOME", str(tmp_path / "home"))
+    out = tmp_path / "zoo_eval_2d"
+    args = ["--demo", "--pairs", "head2d", "--methods", "discrete_corr", "--out", str(out), "--cards"]
+    assert zoo_eval.main(args) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    rows = [r for r in result["rows"] if r["method"] == "discrete_corr" and r["dims"] == 2]
+    assert rows and all(r["status"] == "ok" and 0 <= r["dice"] <= 1 for r in rows)
+    assert rows[0]["weights"].endswith("discrete_corr_2d.pt")
+    card = (made_weights.parent / "discrete_corr.md").read_text()
+    assert "## Real pairs" in card and rows[0]["dataset"] in card
