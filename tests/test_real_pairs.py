@@ -87,3 +87,26 @@ def test_affine_stage_with_mi_aligns_the_multimodal_prostate_pair(shared_data):
     initial_tre = float(np.mean(np.linalg.norm(pair.fixed_points - pair.moving_points, axis=1)))
     assert metrics["dice_mean_affine"] > metrics["dice_mean_initial"] + 0.2, metrics
     assert metrics["tre_mm_affine"] < initial_tre - 2.0, (metrics, initial_tre)
+
+
+def test_cli_affine_metric_reaches_the_affine_stage(monkeypatch, tmp_path):
+    """`--affine-metric mi` (alias of --similarity) is what register's affine stage gets; the stage's own
+    defaults (AFFINE_STAGE_DEFAULTS) apply under it."""
+    from regnet_zoo import cli
+    from regnet_zoo.api import pipeline
+
+    args = cli.build_parser().parse_args(
+        ["register", "--fixed", "f.nii", "--moving", "m.nii", "--out", str(tmp_path), "--affine-metric", "mi"]
+    )
+    assert args.similarity == "mi"
+    seen = {}
+
+    def fake_register(*a, affine_options=None, **k):
+        seen.update(affine_options or {})
+        raise SystemExit(0)
+
+    monkeypatch.setattr("regnet_zoo.api.register", fake_register)
+    with pytest.raises(SystemExit):
+        cli._register(args)
+    assert seen == {"similarity": "mi"}
+    assert pipeline.AFFINE_STAGE_DEFAULTS["max_voxels"] > 8192
