@@ -27,10 +27,16 @@ install-test: $(VENV)/.installed-test
 
 DEMO_OUT ?= results/demo
 
-# the side-by-side comparison of every method and the classic baselines on the built-in 2D phantoms
-# (no weights ship yet: README "Shipped weights"; benchmarks/zoo_eval.py registers real pairs with weights you trained)
+# With shipped weights (regnet_zoo/pretrained, or $$REGNET_ZOO_PRETRAINED): every method's weights register the
+# real pairs of ../shared/data (read in place; built-in phantom pairs without it), no training step, beside the
+# affine stage alone and SimpleITK's affine. Without weights: the quick trained comparison on built-in phantoms.
 demo: $(VENV)/.installed
-	MPLBACKEND=Agg $(PY) benchmarks/compare.py --dataset builtin --quick --out $(DEMO_OUT)
+	@if $(PY) -c "import sys; from regnet_zoo.pretrained import shipped_files; sys.exit(not shipped_files())"; then \
+		MPLBACKEND=Agg $(PY) benchmarks/zoo_eval.py --demo --sitk-affine --out $(DEMO_OUT)/zoo_demo; \
+	else \
+		echo "no shipped weights: training and comparing on built-in phantoms"; \
+		MPLBACKEND=Agg $(PY) benchmarks/compare.py --dataset builtin --quick --out $(DEMO_OUT); \
+	fi
 
 compare: demo
 

@@ -1,19 +1,17 @@
-"""Affine pre-alignment benchmark: ``regnet_zoo.core.affine.affine_register`` vs ``baselines.sitk_affine``.
+"""Affine pre-alignment benchmark: ``register``'s affine stage (``regnet_zoo.api.pipeline.affine_stage``, i.e.
+``core.affine.affine_register`` with ``AFFINE_STAGE_DEFAULTS``) vs ``baselines.sitk_affine``.
 
-Side by side in one run, on the same real pairs from ``../shared/data`` (skipped when absent):
+Side by side in one run, on the real pairs of ``regnet_zoo.data.real_pairs`` (``../shared/data``, read in
+place; missing folders are skipped): tiny MR, OASIS (both directions, its 30 evaluation labels), the 8
+prostate MR (moving) -> US (fixed) cases (gland Dice, TRE of the landmark-blob centroids; MI) and head2d
+(T1 <- PD, MI); each pair's own similarity. Dice / TRE come from the pipeline's own evaluation
+(``warp_and_evaluate``: labels warped once from the moving grid by nearest neighbour, landmarks mapped by
+the whole transform).
 
-- ``tiny_mr_pair``: a rigidly moved MR copy on another grid (2 mm vs 4 mm), Dice of the binary labels;
-- ``oasis3d_pair``: two subjects, both directions, mean Dice of the 30 evaluation labels (1 mm, 160x192x224);
-- ``prostate_mr_us``: MR (moving) -> US (fixed) for each of the 8 patients, Dice of the gland channel and TRE
-  (mm) between the centroids of the two landmark blobs (fixed blob vs warped moving blob; multi-modal: MI);
-- ``head2d``: 2D T1 (fixed) vs PD (moving), Dice of the head masks (multi-contrast: MI).
-
-Both methods see the raw intensities. ``affine_register`` works on the two native grids in physical space;
-``sitk_affine`` needs one grid, so the moving image is first resampled onto the fixed grid (identity in world
-space, linear; not timed) and the baseline is called as it is, with the fixed voxel size. Its DDF is then
-composed with that resampling so that labels are warped once from the moving grid, like ours. Labels are
-warped by nearest neighbour (landmark blobs linearly, for sub-voxel centroids). Times are wall-clock seconds
-of the registration call alone, both with the same number of torch / SimpleITK threads (``--threads``).
+``sitk_affine`` needs one grid: the moving image is first resampled onto the fixed grid (identity in world
+space, linear; not timed) and the baseline is called as it is, on the raw intensities, with the fixed voxel
+size; its DDF is relative to that identity resampling, so it is the whole transform. Times are wall-clock
+seconds of the registration call alone, both with the same number of torch / SimpleITK threads.
 
     PYTHONPATH=$PWD python benchmarks/affine.py            # writes benchmarks/results/affine.{json,md}
 """
@@ -31,133 +29,53 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from regnet_zoo.api.pipeline import (
+    AFFINE_STAGE_DEFAULTS,
+    affine_stage,
+    check_inputs,
+    moving_on_fixed_grid,
+    total_ddf,
+    warp_and_evaluate,
+)
 from regnet_zoo.baselines import sitk_affine
-from regnet_zoo.core.affine import affine_register, resample_affine
-from regnet_zoo.core.geometry import affine_of, from_4x4, spacing_from_affine
-from regnet_zoo.core.metrics import dice_per_label
-from regnet_zoo.core.spatial import identity_grid, sample_image
-from regnet_zoo.data.io import load_image, load_label
+from regnet_zoo.core.geometry import affine_of, spacing_from_affine
+from regnet_zoo.data.preprocess import Preprocessing
+from regnet_zoo.data.real_pairs import real_pairs, shared_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
+#: the datasets this benchmark registers (hands2d has no labels and no similarity suited to X-ray edges here)
+DATASETS = ("tiny_mr_pair", "oasis3d_pair", "prostate_mr_us", "head2d")
 
 
-def _affine(image: torch.Tensor) -> np.ndarray:
-    """The ``(N+1, N+1)`` voxel->RAS matrix of a loaded image (2D images carry a 4x4 embedding)."""
-    return from_4x4(affine_of(image), image.ndim - 1)
-
-
-def _spacing(affine: np.ndarray) -> np.ndarray:
-    return np.asarray(spacing_from_affine(affine, affine.shape[0] - 1))
-
-
-def _voxel_coords(shape, vox: np.ndarray, ddf: torch.Tensor | None = None) -> torch.Tensor:
-    """Moving voxel coordinates ``(1, N, *S)`` of the fixed grid under ``vox`` (fixed voxel -> moving voxel),
-    after the fixed-grid DDF ``ddf`` ``(N, *S)`` when given: ``vox (x + ddf(x))``."""
-    n = len(shape)
-    grid = identity_grid(shape, dtype=torch.float64)
-    if ddf is not None:
-        grid = grid + ddf[None].double()
-    m = torch.from_numpy(vox)
-    return torch.einsum("ij,bj...->bi...", m[:n, :n], grid) + m[:n, n].reshape(1, n, *([1] * n))
-
-
-def _warp(moving: torch.Tensor, coords: torch.Tensor, mode: str) -> torch.Tensor:
-    return sample_image(moving.as_subclass(torch.Tensor)[None].float(), coords.float(), mode=mode,
-                        padding_mode="zeros")[0]
-
-
-def _centroid_mm(weights: torch.Tensor, affine: np.ndarray) -> np.ndarray:
-    """Physical centroid of a non-negative map ``(*S)``."""
-    w = weights.double().numpy()
-    idx = np.stack(np.meshgrid(*[np.arange(s) for s in w.shape], indexing="ij"), -1).reshape(-1, w.ndim)
-    centre = (idx * w.reshape(-1, 1)).sum(0) / max(w.sum(), 1e-12)
-    n = w.ndim
-    return affine[:n, :n] @ centre + affine[:n, n]
-
-
-def _evaluate(pair: dict, coords: torch.Tensor) -> dict:
-    """Dice (and TRE) of the moving labels sampled at moving voxel ``coords`` of the fixed grid."""
-    out = {}
-    fixed_lab, moving_lab = pair["fixed_label"], pair["moving_label"]
-    if pair["kind"] == "prostate":
-        warped = _warp((moving_lab[:1] > 0.5).float(), coords, "nearest")
-        # every moving label map has the structure: a warped map that lost it scores 0, not NaN
-        gland = fixed_lab[0] > 0.5
-        out["dice"] = dice_per_label(gland, warped[0] > 0.5, [1], moving_label=gland)[1]
-        errors = []
-        for c in range(1, min(fixed_lab.shape[0], moving_lab.shape[0])):  # landmark blobs present in both
-            blob = _warp(moving_lab[c : c + 1].float(), coords, "linear")[0]
-            fixed_c = _centroid_mm(fixed_lab[c].float(), pair["fixed_affine"])
-            errors.append(float(np.linalg.norm(_centroid_mm(blob, pair["fixed_affine"]) - fixed_c)))
-        if errors:
-            out["tre_mm"] = float(np.mean(errors))
-        return out
-    warped = _warp(moving_lab.float(), coords, "nearest")[0].round().long()
-    scores = dice_per_label(fixed_lab[0].long(), warped, pair["labels"], moving_label=fixed_lab[0].long())
-    out["dice"] = float(np.nanmean(list(scores.values())))
+def _evaluate(pair, ddf: torch.Tensor) -> dict:
+    """Dice (and TRE, mm) of the whole-transform voxel DDF ``(N, *S)`` on the fixed grid."""
+    metrics = warp_and_evaluate(pair, ddf)[2]
+    out = {"dice": float(metrics["dice_mean"])}
+    if metrics.get("tre_mm") is not None:
+        out["tre_mm"] = float(metrics["tre_mm"])
     return out
 
 
-def _pairs(data: Path, only: set[str] | None) -> list[dict]:
-    pairs = []
-
-    def add(name, kind, fixed, moving, fixed_label, moving_label, similarity, labels=None):
-        if only and kind not in only:
-            return
-        f_img, m_img = load_image(fixed), load_image(moving)
-        f_lab = (load_image if kind == "prostate" else load_label)(fixed_label)
-        m_lab = (load_image if kind == "prostate" else load_label)(moving_label)
-        pairs.append({
-            "name": name, "kind": kind, "similarity": similarity, "labels": labels,
-            "fixed": f_img, "moving": m_img, "fixed_label": f_lab, "moving_label": m_lab,
-            "fixed_affine": _affine(f_img), "moving_affine": _affine(m_img),
-        })
-
-    tiny = data / "tiny_mr_pair"
-    if tiny.is_dir():
-        add("tiny_mr_pair", "tiny", tiny / "anatomical.nii", tiny / "reoriented_anat_moved.nii",
-            tiny / "anatomical_label.nii.gz", tiny / "reoriented_anat_moved_label.nii.gz", "lncc", [1])
-    oasis = data / "oasis3d_pair"
-    if oasis.is_dir():
-        spec = json.loads((oasis / "dataset.json").read_text())
-        for entry in spec["registration_val"]:
-            f, m = (oasis / entry["fixed"]).resolve(), (oasis / entry["moving"]).resolve()
-            add(f"oasis {m.name.split('_0000')[0]}->{f.name.split('_0000')[0]}", "oasis", f, m,
-                oasis / "labelsTr" / f.name, oasis / "labelsTr" / m.name, "lncc", spec["evaluation_labels"])
-    prostate = data / "prostate_mr_us"
-    if prostate.is_dir():
-        for case in sorted((prostate / "us_images").glob("case*.nii.gz")):
-            name = f"prostate {case.name.split('.')[0]} MR->US"
-            add(name, "prostate", case, prostate / "mr_images" / case.name,
-                prostate / "us_labels" / case.name, prostate / "mr_labels" / case.name, "mi")
-    head = data / "head2d"
-    if head.is_dir():
-        add("head2d T1<-PD", "head2d", head / "MR_2D_head_fixed.mha", head / "MR_2D_head_moving.mha",
-            head / "MR_2D_head_fixed_mask.mha", head / "MR_2D_head_moving_mask.mha", "mi", [1])
-    return pairs
-
-
-def _run_pair(pair: dict, settings: dict) -> dict:
-    fixed, moving = pair["fixed"], pair["moving"]
-    fa, ma = pair["fixed_affine"], pair["moving_affine"]
-    shape = tuple(fixed.shape[1:])
-    identity_vox = np.linalg.inv(ma) @ fa
-    row = {"pair": pair["name"], "similarity": pair["similarity"]}
-    row["before"] = _evaluate(pair, _voxel_coords(shape, identity_vox))
+def _run_pair(spec) -> dict:
+    pair = check_inputs(**spec.inputs())
+    fixed_affine = affine_of(pair.fixed)
+    zero = torch.zeros(pair.spatial_dims, *pair.fixed.shape[1:])
+    row = {"pair": spec.name, "similarity": spec.similarity}
+    row["before"] = _evaluate(pair, zero)
 
     start = time.perf_counter()
-    t = affine_register(fixed, moving, fa, ma, similarity=pair["similarity"], **settings)
+    matrix = affine_stage(pair, Preprocessing(), "affine", torch.device("cpu"), similarity=spec.similarity)
     row["ours_s"] = time.perf_counter() - start
-    row["ours"] = _evaluate(pair, _voxel_coords(shape, np.linalg.inv(ma) @ t.cpu().numpy() @ fa))
+    row["ours"] = _evaluate(pair, total_ddf(zero, matrix, fixed_affine))
 
     # the baseline needs one grid: the moving image on the fixed grid (identity in world space), untimed
-    moving_on_fixed = resample_affine(moving, torch.eye(len(shape) + 1, dtype=torch.float64), fa, ma, shape)
+    moving_on_fixed = moving_on_fixed_grid(pair.fixed, pair.moving)
+    spacing = list(spacing_from_affine(fixed_affine, pair.spatial_dims))
     start = time.perf_counter()
-    ddf = sitk_affine(fixed[0], moving_on_fixed[0], spacing=_spacing(fa).tolist())
+    ddf = sitk_affine(pair.fixed[0].as_tensor(), moving_on_fixed[0], spacing=spacing)
     row["sitk_s"] = time.perf_counter() - start
-    row["sitk"] = _evaluate(pair, _voxel_coords(shape, identity_vox, ddf))
+    row["sitk"] = _evaluate(pair, ddf)
     return row
 
 
@@ -219,21 +137,20 @@ def render(json_path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--data", type=Path, default=shared_data_dir())
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--only", nargs="*", choices=["tiny", "oasis", "prostate", "head2d"])
+    parser.add_argument("--only", nargs="*", choices=DATASETS)
     parser.add_argument("--out", type=Path, default=RESULTS / "affine")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(args.threads)
-    settings = {"transform": "affine"}
-    pairs = _pairs(args.data, set(args.only) if args.only else None)
+    pairs = real_pairs(args.data, args.only or DATASETS)[0]
     if not pairs:
         print(f"no data under {args.data}", file=sys.stderr)
         return 1
     rows = []
     for pair in pairs:
-        row = _run_pair(pair, settings)
+        row = _run_pair(pair)
         rows.append(row)
         print(f"{row['pair']}: before {_fmt(row['before'])}  ours {_fmt(row['ours'])} ({row['ours_s']:.2f} s)"
               f"  sitk {_fmt(row['sitk'])} ({row['sitk_s']:.2f} s)", file=sys.stderr, flush=True)
@@ -264,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"SimpleITK {sitk.Version_VersionString()}",
-        "ours_settings": "affine_register(transform='affine', similarity per pair, defaults otherwise)",
+        "ours_settings": "register's affine stage (affine_stage: affine_register(transform='affine', "
+        f"similarity per pair, {AFFINE_STAGE_DEFAULTS}, defaults otherwise) on min-max normalised images)",
         "rows": rows,
         "summary": summary,
     }

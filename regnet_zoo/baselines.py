@@ -208,10 +208,14 @@ def sitk_bspline(
 
     Mattes MI with random sampling, gradient descent with line search (``iterations`` per level), a
     ``levels``-level image pyramid; the control-point mesh doubles per level to a final spacing of about
-    ``grid_spacing_voxels``.
+    ``grid_spacing_voxels``. ``affine_iterations=0``: no affine stage (for a pair that is already aligned;
+    the affine's centre-of-mass start would undo that alignment across modalities).
     """
     fixed_img, moving_img = _pair_to_sitk(fixed, moving, spacing)
-    affine = _affine_transform(fixed_img, moving_img, affine_iterations, levels, sampling, seed)
+    if affine_iterations > 0:
+        affine = _affine_transform(fixed_img, moving_img, affine_iterations, levels, sampling, seed)
+    else:
+        affine = sitk.AffineTransform(fixed_img.GetDimension())
     refinements = 2 ** (levels - 1)
     mesh = [max(1, round(size / (grid_spacing_voxels * refinements))) for size in fixed_img.GetSize()]
     bspline = sitk.BSplineTransformInitializer(fixed_img, mesh, order=3)

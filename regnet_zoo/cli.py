@@ -94,8 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     reg.add_argument(
         "--similarity",
+        "--affine-metric",
+        dest="similarity",
         choices=("lncc", "ncc", "mi", "mse"),
-        help="similarity of the affine stage (default: the stage's own; mi across modalities)",
+        help="similarity of the affine stage (default lncc, which assumes one contrast; use mi for "
+        "multi-modal pairs such as MR-US or T1-PD)",
     )
     reg.add_argument(
         "--inverse",

@@ -424,13 +424,23 @@ def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor
     return warped, warped_label, metrics
 
 
+#: the affine stage's settings beyond :func:`regnet_zoo.core.affine.affine_register`'s defaults: a finest
+#: level of up to 2^17 fixed voxels. Its default 8192 matches a 1 mm brain at about 8 mm, too coarse for
+#: pairs that are already roughly aligned: on oasis3d_pair it lowered the evaluation-label Dice
+#: (0.522 -> 0.513) where SimpleITK's affine raises it (0.527); at 2^17, 0.541 (benchmarks/results/affine.md).
+AFFINE_STAGE_DEFAULTS: dict[str, Any] = {"max_voxels": 131072}
+
+
 def affine_stage(
     pair: PairInputs, prep: Preprocessing, transform: str, device: torch.device, **options: Any
 ) -> np.ndarray:
     """Pre-alignment: the 4x4 physical (RAS) map ``T`` with ``moving(T p) ~ fixed(p)`` found by
     :func:`regnet_zoo.core.affine.affine_register` (``transform`` ``"affine"`` / ``"rigid"``, ``options``
-    e.g. ``similarity``) on the intensity-normalised images."""
+    e.g. ``similarity``: LNCC by default, ``"mi"`` across modalities) on the intensity-normalised images,
+    with :data:`AFFINE_STAGE_DEFAULTS` unless ``options`` override them."""
     from regnet_zoo.core.affine import affine_register
+
+    options = {**AFFINE_STAGE_DEFAULTS, **options}
 
     if transform not in ("affine", "rigid"):
         raise RegistrationInputError(f"affine must be 'affine', 'rigid' or None, got {transform!r}")
@@ -527,7 +537,8 @@ def register(
     rows corresponding. ``weights``: default ``bundles/<method>/models/model.pt``. ``instance_opt``: number
     of Adam steps of test-time optimisation of the network's transform parameters with the bundle's loss.
     ``affine``: the pre-alignment stage, ``"affine"`` (default), ``"rigid"`` or None (off);
-    ``affine_options`` go to :func:`regnet_zoo.core.affine.affine_register` (e.g. ``{"similarity": "mi"}``).
+    ``affine_options`` go to :func:`regnet_zoo.core.affine.affine_register` (e.g. ``{"similarity": "mi"}``,
+    which multi-modal pairs such as MR-US need; the default LNCC assumes one contrast).
     The result's fields hold the whole transform (affine then deformable). ``progress``: called with one
     line per finished step (name and seconds), e.g. ``print`` to stderr.
     ``inverse``: also the inverse field, its inverse-consistency error in ``metrics`` and the fixed image
