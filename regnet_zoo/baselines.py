@@ -129,7 +129,8 @@ def _mattes(method: sitk.ImageRegistrationMethod, sampling: float, seed: int, fi
     sampling = min(sampling, MAX_METRIC_SAMPLES / fixed.GetNumberOfPixels())
     if sampling < 1.0:
         method.SetMetricSamplingStrategy(method.RANDOM)
-        method.SetMetricSamplingPercentage(sampling, seed)
+        # SimpleITK reads seed 0 as 'seed from the wall clock': shift by one so every seed is reproducible
+        method.SetMetricSamplingPercentage(sampling, int(seed) + 1)
     else:
         method.SetMetricSamplingStrategy(method.NONE)
     method.SetInterpolator(sitk.sitkLinear)
