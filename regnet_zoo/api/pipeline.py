@@ -61,7 +61,12 @@ from regnet_zoo.core.geometry import (
 from regnet_zoo.core.metrics import jacobian_determinant, registration_metrics, tre
 from regnet_zoo.core.spatial import resize_ddf
 from regnet_zoo.data.io import atomic_write, check_pair, metrics_to_json, save_image
-from regnet_zoo.data.preprocess import Preprocessing, network_inputs, normalise_intensity
+from regnet_zoo.data.preprocess import (
+    AFFINE_STAGE_DEFAULTS,
+    Preprocessing,
+    network_inputs,
+    normalise_intensity,
+)
 from regnet_zoo.errors import RegistrationInputError
 from regnet_zoo.weights import check_weights_fit
 
@@ -424,11 +429,6 @@ def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor
     return warped, warped_label, metrics
 
 
-#: the affine stage's settings beyond :func:`regnet_zoo.core.affine.affine_register`'s defaults: a finest
-#: level of up to 2^17 fixed voxels. Its default 8192 matches a 1 mm brain at about 8 mm, too coarse for
-#: pairs that are already roughly aligned: on oasis3d_pair it lowered the evaluation-label Dice
-#: (0.522 -> 0.513) where SimpleITK's affine raises it (0.527); at 2^17, 0.541 (benchmarks/results/affine.md).
-AFFINE_STAGE_DEFAULTS: dict[str, Any] = {"max_voxels": 131072}
 
 
 def affine_stage(

@@ -37,6 +37,7 @@ from regnet_zoo.core.padding import pad_to_multiple as core_pad_to_multiple
 from regnet_zoo.core.spatial import identity_grid, sample_image
 
 __all__ = [
+    "AFFINE_STAGE_DEFAULTS",
     "NORMALISATIONS",
     "PRE_ALIGN",
     "DEFAULT_PAD_MULTIPLE",
@@ -48,6 +49,13 @@ __all__ = [
     "pad_to_multiple",
     "network_inputs",
 ]
+
+#: the affine stage's settings (``register`` and the bundles' ``pre_align``) beyond
+#: :func:`regnet_zoo.core.affine.affine_register`'s defaults: a finest level of up to 2^17 fixed voxels. Its
+#: default 8192 matches a 1 mm brain at about 8 mm, too coarse for pairs that are already roughly aligned: on
+#: oasis3d_pair it lowered the evaluation-label Dice (0.522 -> 0.513) where SimpleITK's affine raises it
+#: (0.527); at 2^17, 0.541 (benchmarks/results/affine.md).
+AFFINE_STAGE_DEFAULTS: dict[str, Any] = {"max_voxels": 131072}
 
 NORMALISATIONS = ("minmax", "percentile", "ct", None)
 PRE_ALIGN = ("affine", "rigid", None)

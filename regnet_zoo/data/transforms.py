@@ -38,6 +38,7 @@ from regnet_zoo.core.geometry import LPS_RAS, affine_of, as_4x4, from_4x4
 from regnet_zoo.core.resample import warp_physical
 from regnet_zoo.data.io import check_pair, load_image, load_label, load_landmarks, lps_to_voxel
 from regnet_zoo.data.preprocess import (
+    AFFINE_STAGE_DEFAULTS,
     PRE_ALIGN,
     Preprocessing,
     normalise_intensity,
@@ -282,14 +283,15 @@ class PreAlignd(MapTransform):
     mask (nearest) are resampled through ``T`` onto the fixed grid and its keypoints mapped by ``T^-1``.
 
     The 4x4 ``T`` is kept as ``pre_affine`` (float64). Needs intensities normalised (run after
-    :class:`NormaliseIntensityd`). ``kwargs`` go to ``affine_register`` (e.g. ``similarity="mi"``).
+    :class:`NormaliseIntensityd`). ``kwargs`` go to ``affine_register`` (e.g. ``similarity="mi"``), over
+    :data:`AFFINE_STAGE_DEFAULTS` (the settings of ``register``'s affine stage).
     """
 
     def __init__(self, transform: str = "affine", **kwargs):
         super().__init__(IMAGE_KEYS, allow_missing_keys=False)
         if transform not in PRE_ALIGN or transform is None:
             raise ValueError(f"pre_align must be 'affine' or 'rigid', got {transform!r}")
-        self.transform, self.kwargs = transform, kwargs
+        self.transform, self.kwargs = transform, {**AFFINE_STAGE_DEFAULTS, **kwargs}
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from regnet_zoo.core.affine import affine_register
