@@ -6,13 +6,13 @@ Same semantics as ``torch.nn.functional.grid_sample(..., align_corners=True)`` a
 The kernels take a displacement in voxel units and add the identity on the fly (no normalised grid tensor is
 built); all channels of a voxel share one set of weights; compositions ``second + first∘(id + second)`` are
 one pass, and scaling and squaring is one autograd node (:func:`integrate`) that reuses its buffers.
-Gradients (w.r.t. image and coordinates / displacement) come from one backward pass per sampling; double
-backward is not supported.
+Gradients: w.r.t. the coordinates / displacement a gather pass (vectorised like the forward), w.r.t. the
+image a scatter pass; double backward is not supported.
 
 Used for contiguous-or-not CPU float32 / float64 tensors when numba imports; anything else (no numba,
 GPU tensors, other dtypes, tracing / compiling, ``REGNET_ZOO_FAST=0``) falls back to ``grid_sample``.
-Scalar arithmetic is done in float64 and stored in the tensor's dtype. Threads: numba uses
-``torch.get_num_threads()`` (capped by numba's own limit).
+Scalar arithmetic is done in float64 and stored in the tensor's dtype (the backward's scatter adds in the
+tensor's dtype). Threads: numba uses ``torch.get_num_threads()`` (capped by numba's own limit).
 
 Backward without races: the output rows are split into one slab per worker; each worker scatters the image
 gradient into a private buffer that spans only the image rows its slab samples (found by a cheap pre-pass over
@@ -85,7 +85,18 @@ def applies(image: Tensor, points: Tensor) -> bool:
 # index 0 with weight 1). Arrays are passed flat with explicit shapes; flat unsigned indices avoid numba's
 # per-axis negative-index wraparound, which made multi-index gathers about 3x slower.
 if numba is not None:
+    from numba.extending import overload
+
     _pjit = njit(parallel=True, cache=True, fastmath=False, nogil=True)
+
+    def _like(x, arr):
+        """``x`` in ``arr``'s dtype (numba only)."""
+
+    @overload(_like, inline="always")
+    def _like_impl(x, arr):
+        if arr.dtype == numba.float32:
+            return lambda x, arr: np.float32(x)
+        return lambda x, arr: np.float64(x)
 
     @njit(inline="always", cache=True, fastmath=False)
     def _axis(x, n, zeros, nearest):
@@ -336,7 +347,8 @@ if numba is not None:
     @_pjit
     def _scatter(pts, gout, buf, off, lo, hi, ishape, pshape, oshape, nparts, relative, zeros, nearest):
         """Gradient w.r.t. the image: scatter ``gout`` into the slab buffers ``buf`` (slab ``q``, channel
-        ``c`` at ``off[q] + c * (hi[q] - lo[q])``, zeroed here; one slab per worker, so no races)."""
+        ``c`` at ``off[q] + c * (hi[q] - lo[q])``, zeroed here; one slab per worker, so no races). The adds
+        are done in the buffer's dtype: float64 adds into a float32 buffer were ~15 % slower."""
         _, nc, _, _, _ = ishape
         bp_n, nd = pshape[0], pshape[1]
         nb, _, td, th, tw = oshape
@@ -359,20 +371,20 @@ if numba is not None:
                         go = np.float64(gout[np.uint64(obase + c * vt + i)])
                         gb = qoff + c * qlen
                         if nearest:
-                            buf[np.uint64(gb + r00 + x0)] += wz0 * wy0 * wx0 * go
+                            buf[np.uint64(gb + r00 + x0)] += _like(wz0 * wy0 * wx0 * go, buf)
                         else:
                             t = go * wz0 * wy0
-                            buf[np.uint64(gb + r00 + x0)] += t * wx0
-                            buf[np.uint64(gb + r00 + x1)] += t * wx1
+                            buf[np.uint64(gb + r00 + x0)] += _like(t * wx0, buf)
+                            buf[np.uint64(gb + r00 + x1)] += _like(t * wx1, buf)
                             t = go * wz0 * wy1
-                            buf[np.uint64(gb + r01 + x0)] += t * wx0
-                            buf[np.uint64(gb + r01 + x1)] += t * wx1
+                            buf[np.uint64(gb + r01 + x0)] += _like(t * wx0, buf)
+                            buf[np.uint64(gb + r01 + x1)] += _like(t * wx1, buf)
                             t = go * wz1 * wy0
-                            buf[np.uint64(gb + r10 + x0)] += t * wx0
-                            buf[np.uint64(gb + r10 + x1)] += t * wx1
+                            buf[np.uint64(gb + r10 + x0)] += _like(t * wx0, buf)
+                            buf[np.uint64(gb + r10 + x1)] += _like(t * wx1, buf)
                             t = go * wz1 * wy1
-                            buf[np.uint64(gb + r11 + x0)] += t * wx0
-                            buf[np.uint64(gb + r11 + x1)] += t * wx1
+                            buf[np.uint64(gb + r11 + x0)] += _like(t * wx0, buf)
+                            buf[np.uint64(gb + r11 + x1)] += _like(t * wx1, buf)
 
     @_pjit
     def _reduce(buf, off, lo, hi, gimg, ishape, nslabs, nparts, bi_n, unit, accumulate):
