@@ -40,7 +40,8 @@ def _reference(fn, *args, **kwargs):
 def _grads(fn, *inputs, seed=1):
     inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*inputs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
     (out * weight).sum().backward()
     return out.detach(), [x.grad for x in inputs]
 
