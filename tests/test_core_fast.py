@@ -288,8 +288,10 @@ def test_integration_node_matches_reference_float64_batched(shape):
     out, (g,) = _grads(fn, svf)
     ref, (r,) = _reference(_grads, fn, svf)
     assert _rel(out, ref) <= 1e-12 and _rel(g, r) <= 1e-10
+    strided = svf.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not C-contiguous
     with torch.no_grad():
         assert torch.equal(scaling_and_squaring(svf, 5), out)
+        assert torch.equal(scaling_and_squaring(strided, 5), out)
     first, second = _smooth(shape, n, 3.0, 42, torch.float64), _smooth(shape, n, 3.0, 43, torch.float64)
     out, grads = _grads(compose_ddf, first, second)
     ref, refs = _reference(_grads, compose_ddf, first, second)

@@ -542,7 +542,7 @@ class _IntegrateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, svf, steps):
-        fields = [svf.detach() / 2**steps]
+        fields = [(svf.detach() / 2**steps).contiguous()]
         for _ in range(steps):
             fields.append(_Call(fields[-1], fields[-1], True, True, False, False).forward())
         ctx.save_for_backward(*fields[:-1])
@@ -566,8 +566,8 @@ def integrate(svf: Tensor, steps: int) -> Tensor:
     call only where :func:`applies` ``(svf, svf)`` is true). Without autograd two buffers are reused."""
     if torch.is_grad_enabled() and svf.requires_grad:
         return _IntegrateFunction.apply(svf, int(steps))
-    field = svf.detach() / 2**steps
-    spare = torch.empty_like(field)
+    field = (svf.detach() / 2**steps).contiguous()  # the kernels index flat, C-contiguous buffers
+    spare = torch.empty_like(field, memory_format=torch.contiguous_format)
     for _ in range(steps):
         spare = _Call(field, field, True, True, False, False).forward(spare)
         field, spare = spare, field

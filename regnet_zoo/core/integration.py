@@ -6,6 +6,8 @@ SVFs and DDFs are ``(B, N, *S)`` in voxel units (README "Conventions"). Scaling 
 Written here rather than using ``monai.networks.blocks.DVF2DDF``: that layer does the same recursion
 (``ddf + warp(ddf, ddf)``) but pads with zeros, which makes the field collapse to 0 where a composition
 samples beyond the grid; we sample with border padding instead (displacement held constant outside).
+On CPU float tensors the whole recursion runs as one autograd node on the fused kernels of ``core._fast``
+(same numbers and gradients as the chain of :func:`~regnet_zoo.core.spatial.compose_ddf` calls).
 """
 
 from __future__ import annotations
