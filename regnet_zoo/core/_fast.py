@@ -189,9 +189,12 @@ if numba is not None:
         return r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, dz0, dz1, dy0, dy1, dx0, dx1
 
     # Channels come in chunks of up to 3 handled by straight-line code inside the voxel loop (shared weights):
-    # a loop over channels there stops LLVM from vectorising the voxel loop (AVX-512 gathers), ~2x slower.
+    # a loop over channels there, or a run-time chunk size, stops LLVM from vectorising the voxel loop
+    # (AVX-512 gathers): about 2x slower. The chunk size is the length of a tuple, fixed at compile time.
     @_pjit
-    def _forward(img, pts, out, ishape, pshape, oshape, relative, residual, zeros, nearest):
+    def _forward(img, pts, out, ishape, pshape, oshape, c0, chunk, relative, residual, zeros, nearest):
+        """Channels ``c0 .. c0 + len(chunk) - 1`` of the sample (``chunk``: a tuple of length 1 to 3)."""
+        m = len(chunk)  # a compile-time constant: the unused channel code is compiled out
         bi_n, nc, sd, sh, sw = ishape
         bp_n, nd = pshape[0], pshape[1]
         nb, _, td, th, tw = oshape
@@ -203,31 +206,29 @@ if numba is not None:
             bi = b if bi_n > 1 else 0
             bp = b if bp_n > 1 else 0
             pbase = bp * nd * vt + (k * th + j) * tw
-            for c0 in range(0, nc, 3):
-                m = min(3, nc - c0)
-                ib = (bi * nc + c0) * vs
-                ob = (b * nc + c0) * vt + (k * th + j) * tw
-                rb = pbase + c0 * vt
-                for i in range(tw):
-                    r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, _a, _b, _c, _d, _e, _f = (
-                        _corners(pts, pbase + i, vt, nd, k, j, i, ishape, relative, zeros, nearest)
-                    )
-                    v = _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+            ib = (bi * nc + c0) * vs
+            ob = (b * nc + c0) * vt + (k * th + j) * tw
+            rb = pbase + c0 * vt
+            for i in range(tw):
+                r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, _a, _b, _c, _d, _e, _f = (
+                    _corners(pts, pbase + i, vt, nd, k, j, i, ishape, relative, zeros, nearest)
+                )
+                v = _lerp(img, ib, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, nearest)
+                if residual:
+                    v += pts[np.uint64(rb + i)]
+                out[np.uint64(ob + i)] = v
+                if m > 1:
+                    v = _lerp(img, ib + vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
+                              nearest)  # fmt: skip
                     if residual:
-                        v += pts[np.uint64(rb + i)]
-                    out[np.uint64(ob + i)] = v
-                    if m > 1:
-                        v = _lerp(img, ib + vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
-                                  nearest)  # fmt: skip
-                        if residual:
-                            v += pts[np.uint64(rb + vt + i)]
-                        out[np.uint64(ob + vt + i)] = v
-                    if m > 2:
-                        v = _lerp(img, ib + 2 * vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
-                                  nearest)  # fmt: skip
-                        if residual:
-                            v += pts[np.uint64(rb + 2 * vt + i)]
-                        out[np.uint64(ob + 2 * vt + i)] = v
+                        v += pts[np.uint64(rb + vt + i)]
+                    out[np.uint64(ob + vt + i)] = v
+                if m > 2:
+                    v = _lerp(img, ib + 2 * vs, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1,
+                              nearest)  # fmt: skip
+                    if residual:
+                        v += pts[np.uint64(rb + 2 * vt + i)]
+                    out[np.uint64(ob + 2 * vt + i)] = v
 
     @njit(inline="always", cache=True, fastmath=False)
     def _dcoords(img, ib, go, r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, dz0, dz1, dy0, dy1,
@@ -255,10 +256,11 @@ if numba is not None:
         return gz, gy, gx
 
     @_pjit
-    def _backward_points(img, pts, gout, gpts, ishape, pshape, oshape, c0, m, relative, residual, zeros):
-        """Gradient w.r.t. the (linear) sampling coordinates from channels ``c0 .. c0 + m - 1`` (``m <= 3``),
+    def _backward_points(img, pts, gout, gpts, ishape, pshape, oshape, c0, chunk, relative, residual, zeros):
+        """Gradient w.r.t. the (linear) sampling coordinates from channels ``c0 .. c0 + len(chunk) - 1``,
         written to ``gpts`` flat ``(B, N, *T)``: a gather (no races), vectorised like ``_forward`` (reading
         ``gpts`` back to sum chunks here stops that); ``residual`` adds ``gout`` (channel = coordinate)."""
+        m = len(chunk)
         bi_n, nc, sd, sh, sw = ishape
         bp_n, nd = pshape[0], pshape[1]
         nb, _, td, th, tw = oshape
@@ -417,6 +419,11 @@ def _threads() -> int:
     return n
 
 
+def _chunks(channels: int) -> list[tuple[int, tuple[int, ...]]]:
+    """``(first channel, a tuple of the chunk's length)`` for chunks of at most 3 channels (``_forward``)."""
+    return [(c0, (0,) * min(3, channels - c0)) for c0 in range(0, channels, 3)]
+
+
 def _flat(t: Tensor) -> np.ndarray:
     return t.numpy().reshape(-1)
 
@@ -440,8 +447,9 @@ class _Call:
         relative, residual, zeros, nearest = self.flags
         with _LOCK:
             _threads()
-            _forward(_flat(self.image), _flat(self.points), _flat(out), *self._shapes(), relative, residual,
-                     zeros, nearest)  # fmt: skip
+            for c0, chunk in _chunks(self.image.shape[1]):  # residual: C == N <= 3, one chunk
+                _forward(_flat(self.image), _flat(self.points), _flat(out), *self._shapes(), c0, chunk,
+                         relative, residual, zeros, nearest)  # fmt: skip
         return out
 
     def backward(self, grad_out: Tensor, need_img: bool, need_pts: bool, grad_pts: Tensor | None = None,
@@ -461,11 +469,11 @@ class _Call:
                 if nearest:  # piecewise constant in the coordinates
                     grad_pts.copy_(grad_out) if residual else grad_pts.zero_()
                 else:
-                    for c0 in range(0, ishape[1], 3):  # chunks of 3 channels, summed
+                    for c0, chunk in _chunks(ishape[1]):  # summed over chunks
                         part = grad_pts if c0 == 0 else torch.empty_like(grad_pts)
                         _backward_points(_flat(self.image), _flat(self.points), _flat(grad_out), _flat(part),
-                                         ishape, pshape, oshape, c0, min(3, ishape[1] - c0), relative,
-                                         residual and c0 == 0, zeros)  # fmt: skip
+                                         ishape, pshape, oshape, c0, chunk, relative, residual and c0 == 0,
+                                         zeros)  # fmt: skip
                         if c0 > 0:
                             grad_pts += part
             if need_img:
