@@ -40,7 +40,8 @@ def _reference(fn, *args, **kwargs):
 def _grads(fn, *inputs, seed=1):
     inputs = [x.detach().clone().requires_grad_(True) for x in inputs]
     out = fn(*inputs)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out.shape, generator=generator, dtype=out.dtype).to(out.device)
     (out * weight).sum().backward()
     return out.detach(), [x.grad for x in inputs]
 
@@ -48,8 +49,8 @@ def _grads(fn, *inputs, seed=1):
 @needs_numba
 def test_fast_path_is_taken_on_cpu_float_only(monkeypatch):
     calls = []
-    original = _fast._run_forward
-    monkeypatch.setattr(_fast, "_run_forward", lambda *a: calls.append(1) or original(*a))
+    original = _fast._Call.forward
+    monkeypatch.setattr(_fast._Call, "forward", lambda self, *a: calls.append(1) or original(self, *a))
     image, ddf = torch.rand(1, 1, 6, 7), torch.rand(1, 2, 6, 7)
     warp_image(image, ddf)
     assert len(calls) == 1
@@ -253,3 +254,45 @@ def test_threads_and_forked_workers_after_use():
     worker.start()
     worker.join(60)
     assert worker.exitcode == 0 and queue.get(timeout=5) == pytest.approx(expected, rel=1e-5)
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", [(11, 13), (7, 9, 10)])
+def test_gradients_broadcast_many_channels_and_far_outside_match_reference(shape):
+    """Batch broadcasting both ways, more than 3 channels (chunked kernels) and coordinates far outside the
+    grid (the backward's scatter windows are clipped), float64, against ``grid_sample``."""
+    n = len(shape)
+    for padding in PADDINGS:
+        for bi, bp in ((1, 2), (2, 1), (2, 2)):
+            image = torch.cat([_smooth(shape, 5, 1.0, 20 + b, torch.float64) for b in range(bi)])
+            ddf = torch.cat([_smooth(shape, n, 9.0, 30 + b, torch.float64) for b in range(bp)])
+            fn = lambda i, d, p=padding: warp_image(i, d, "linear", p)  # noqa: E731
+            out, (gi, gd) = _grads(fn, image, ddf)
+            ref, (ri, rd) = _reference(_grads, fn, image, ddf)
+            assert out.shape == (2, 5, *shape)
+            assert _rel(out, ref) <= 1e-12 and _rel(gi, ri) <= 1e-12 and _rel(gd, rd) <= 1e-10
+        near = lambda i, d, p=padding: warp_image(i, d, "nearest", p)  # noqa: E731
+        out, (gi, gd) = _grads(near, image, ddf)
+        ref, (ri, rd) = _reference(_grads, near, image, ddf)
+        assert _rel(gi, ri) <= 1e-12 and gd.abs().max() == 0
+
+
+@needs_numba
+@pytest.mark.parametrize("shape", SHAPES)
+def test_integration_node_matches_reference_float64_batched(shape):
+    """Scaling and squaring as one autograd node (and its buffer-reusing no-grad path) against the chain of
+    plain-torch compositions: values and gradients, two different fields in a batch."""
+    n = len(shape)
+    svf = torch.cat([_smooth(shape, n, 6.0, 40, torch.float64), _smooth(shape, n, 2.0, 41, torch.float64)])
+    fn = lambda v: scaling_and_squaring(v, 5)  # noqa: E731
+    out, (g,) = _grads(fn, svf)
+    ref, (r,) = _reference(_grads, fn, svf)
+    assert _rel(out, ref) <= 1e-12 and _rel(g, r) <= 1e-10
+    strided = svf.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, not C-contiguous
+    with torch.no_grad():
+        assert torch.equal(scaling_and_squaring(svf, 5), out)
+        assert torch.equal(scaling_and_squaring(strided, 5), out)
+    first, second = _smooth(shape, n, 3.0, 42, torch.float64), _smooth(shape, n, 3.0, 43, torch.float64)
+    out, grads = _grads(compose_ddf, first, second)
+    ref, refs = _reference(_grads, compose_ddf, first, second)
+    assert _rel(out, ref) <= 1e-12 and all(_rel(a, b) <= 1e-10 for a, b in zip(grads, refs, strict=True))

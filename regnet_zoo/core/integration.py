@@ -6,12 +6,15 @@ SVFs and DDFs are ``(B, N, *S)`` in voxel units (README "Conventions"). Scaling 
 Written here rather than using ``monai.networks.blocks.DVF2DDF``: that layer does the same recursion
 (``ddf + warp(ddf, ddf)``) but pads with zeros, which makes the field collapse to 0 where a composition
 samples beyond the grid; we sample with border padding instead (displacement held constant outside).
+On CPU float tensors the whole recursion runs as one autograd node on the fused kernels of ``core._fast``
+(same numbers and gradients as the chain of :func:`~regnet_zoo.core.spatial.compose_ddf` calls).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
+from regnet_zoo.core import _fast
 from regnet_zoo.core.spatial import compose_ddf
 
 __all__ = ["scaling_and_squaring", "integrate_inverse", "ScalingAndSquaring"]
@@ -27,6 +30,8 @@ def scaling_and_squaring(svf: Tensor, steps: int = 7) -> Tensor:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if svf.ndim - 2 not in (2, 3) or svf.shape[1] != svf.ndim - 2:
         raise ValueError(f"svf must be (B, N, *S) with N = len(S) in (2, 3), got shape {tuple(svf.shape)}")
+    if steps > 0 and _fast.applies(svf, svf):
+        return _fast.integrate(svf, steps)  # one autograd node, fused passes, reused buffers
     ddf = svf / (2**steps)
     for _ in range(steps):
         ddf = compose_ddf(ddf, ddf)
