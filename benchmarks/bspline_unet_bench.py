@@ -16,6 +16,7 @@ The x1 setting is shared by the three sweeps (trained once).
 
     python benchmarks/bspline_unet_bench.py --out benchmarks/results/bspline_unet_table1.json
     python benchmarks/bspline_unet_bench.py --vary beta --multipliers 0 1
+    python benchmarks/bspline_unet_bench.py --merge d.json a.json b.json --out table1.json  # parts run apart
 """
 
 from __future__ import annotations
