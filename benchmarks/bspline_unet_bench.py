@@ -93,7 +93,7 @@ def train_and_evaluate(train, test, weights: dict[str, float], args, device: tor
         optimiser.zero_grad()
         terms["loss"].backward()
         optimiser.step()
-        losses.append({k: float(v) for k, v in terms.items() if "level" not in k})
+        losses.append({k: float(v.detach()) for k, v in terms.items() if "level" not in k})
     train_seconds = time.perf_counter() - start
     net.eval()
     dice, folding, max_disp = [], [], 0.0
