@@ -16,6 +16,7 @@ The x1 setting is shared by the three sweeps (trained once).
 
     python benchmarks/bspline_unet_bench.py --out benchmarks/results/bspline_unet_table1.json
     python benchmarks/bspline_unet_bench.py --vary beta --multipliers 0 1
+    python benchmarks/bspline_unet_bench.py --merge d.json a.json b.json --out table1.json  # parts run apart
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def train_and_evaluate(train, test, weights: dict[str, float], args, device: tor
         optimiser.zero_grad()
         terms["loss"].backward()
         optimiser.step()
-        losses.append({k: float(v) for k, v in terms.items() if "level" not in k})
+        losses.append({k: float(v.detach()) for k, v in terms.items() if "level" not in k})
     train_seconds = time.perf_counter() - start
     net.eval()
     dice, folding, max_disp = [], [], 0.0

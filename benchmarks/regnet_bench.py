@@ -20,6 +20,10 @@ Protocol (Sokooti et al. 2017, Sect. 2.2 / 3, on brain MR instead of chest CT):
   same budget; the paper: 1.17 vs 1.70 mm.
 
     python benchmarks/regnet_bench.py --out benchmarks/results/regnet_bench.json          # 2D, ~25 min CPU
+    python benchmarks/regnet_bench.py --crop 80 --steps 300 --epoch-steps 100 \
+        --out benchmarks/results/regnet_bench_ablation_cpu.json                         # ablation, 9 min CPU
+    python benchmarks/regnet_bench.py --device cuda --workers 12 --steps 3000 --epoch-steps 300 \
+        --eval-every 250 --no-affine                                                     # GPU, both variants
     python benchmarks/regnet_bench.py --dims 3 --steps 20000 --batch 4 --threads 16       # the 3D setting
     python benchmarks/regnet_bench.py --steps 0 --variants multi --no-affine \
         --time-shape 160 192 224 --dense-mode exact --tile 80 192 224 --threads 2           # dense timing
