@@ -59,7 +59,7 @@ from regnet_zoo import METHODS, project_root  # noqa: E402
 from regnet_zoo import baselines as bl  # noqa: E402
 from regnet_zoo.errors import RegistrationInputError  # noqa: E402
 
-CLASSIC = ("identity", "sitk_affine", "sitk_bspline", "sitk_demons", "ants_syn")
+CLASSIC = ("identity", "sitk_affine", "sitk_bspline", "sitk_demons", "ants_syn", "elastix")
 TRAINED_BASELINES = ("voxelmorph",)
 ALL_METHODS = CLASSIC + TRAINED_BASELINES + tuple(METHODS)
 
@@ -76,13 +76,21 @@ CLASSIC_SETTINGS: dict[str, tuple[dict, dict]] = {
         {"iterations": (30, 20, 10), "affine_iterations": 100},
     ),
     "ants_syn": ({}, {}),
+    # elastix's default affine + B-spline maps; quick: fewer iterations per resolution (default 256)
+    "elastix": ({}, {"iterations": 32}),
 }
 CLASSIC_NOTES = {
     "identity": "no registration",
     "sitk_affine": "SimpleITK affine, Mattes MI, 3-level pyramid",
     "sitk_bspline": "SimpleITK B-spline FFD (3 levels, final grid ~8 vx) after affine",
     "sitk_demons": "SimpleITK diffeomorphic demons (3 levels) after affine",
-    "ants_syn": "ANTsPy SyN",
+    "ants_syn": "ANTsPy SyN (antspyx defaults: affine + SyN, MI then CC)",
+    "elastix": "elastix (itk-elastix) default affine then B-spline parameter maps",
+}
+#: optional classic baselines: (is it importable, how to install it)
+OPTIONAL = {
+    "ants_syn": (bl.ants_available, "antspyx not installed (pip install 'regnet_zoo[benchmark]')"),
+    "elastix": (bl.elastix_available, "itk-elastix not installed (pip install 'regnet_zoo[benchmark]')"),
 }
 
 
@@ -242,12 +250,12 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
         kind = "classic" if method in CLASSIC else "deep"
         try:
             if method in CLASSIC:
-                if method == "ants_syn" and not bl.ants_available():
-                    rows.append(
-                        _empty_row(method, kind, "skipped", "antspyx not installed (pip install antspyx)")
-                    )
+                if method in OPTIONAL and not OPTIONAL[method][0]():
+                    rows.append(_empty_row(method, kind, "skipped", OPTIONAL[method][1]))
                     continue
-                settings = CLASSIC_SETTINGS[method][1 if args.quick else 0]
+                settings = dict(CLASSIC_SETTINGS[method][1 if args.quick else 0])
+                if method == "elastix":
+                    settings["threads"] = torch.get_num_threads()
                 function = bl.CLASSIC_BASELINES[method]
                 row = _empty_row(method, kind, "ok", CLASSIC_NOTES[method])
                 row.update(evaluate_registrar(method, classic_registrar(function, **settings), pairs, labels))
