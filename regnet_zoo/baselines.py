@@ -305,10 +305,12 @@ def ants_syn(
     moving: Tensor | np.ndarray,
     spacing: float | Sequence[float] | None = None,
     transform_type: str = "SyN",
+    **kwargs,
 ) -> Tensor:
     """ANTsPy SyN (affine + symmetric normalisation) -> DDF ``(N, *S)``.
 
-    Raises ``ImportError`` without the optional ``antspyx``.
+    ``kwargs`` go to ``ants.registration`` (e.g. ``syn_metric="mattes"`` for multi-modal pairs: its default,
+    cross-correlation, assumes one modality). Raises ``ImportError`` without the optional ``antspyx``.
     """
     import tempfile
 
@@ -319,7 +321,7 @@ def ants_syn(
     # ANTsPy indexes numpy arrays as (x, y, z): vector component i is array axis i of what we pass in
     fixed_ants = ants.from_numpy(fixed_arr, spacing=spacing)
     moving_ants = ants.from_numpy(moving_arr, spacing=spacing)
-    result = ants.registration(fixed_ants, moving_ants, type_of_transform=transform_type)
+    result = ants.registration(fixed_ants, moving_ants, type_of_transform=transform_type, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         # compose the affine and the SyN warp into one displacement field file on the fixed grid
         composite = ants.apply_transforms(
