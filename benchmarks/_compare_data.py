@@ -176,13 +176,19 @@ def write_learn2reg_subset(json_path: Path, root: Path, max_train_pairs: int, se
     rng = np.random.default_rng(seed)
     if len(pairs) > max_train_pairs:
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), max_train_pairs, replace=False))]
-    info["training"] = dataset.subjects("train") + dataset.subjects("test")
+    info["training"] = dataset.subjects("train")
     info["training_paired_images"] = pairs
     info["registration_val"] = [
         {**p, "fixed": dataset.resolve(p["fixed"]), "moving": dataset.resolve(p["moving"])}
         for p in info.get("registration_val", [])
     ]
-    info.pop("test", None)  # listed under training above (subjects only; pairs decide what trains)
+    # every other image with its label / keypoints files found beside the original (the new JSON lies
+    # elsewhere, so its own folder lookup would not find them); subjects only, they train nothing
+    known = {s["image"] for s in info["training"]}
+    others = dataset.subjects("test") + [
+        dataset._subject(p[k]) for p in info["registration_val"] for k in ("fixed", "moving")
+    ]
+    info["test"] = [s for s in others if s["image"] not in known and not known.add(s["image"])]
     root.mkdir(parents=True, exist_ok=True)
     path = root / "dataset.json"
     path.write_text(json.dumps(info, indent=2))
@@ -191,7 +197,10 @@ def write_learn2reg_subset(json_path: Path, root: Path, max_train_pairs: int, se
 
 def label_names(dataset: Learn2RegDataset) -> dict[str, str]:
     """Label value -> name: the JSON's ``labels`` (Learn2Reg), else FreeSurfer names for OASIS-like labels."""
-    names = {str(k): str(v) for k, v in (dataset.info.get("labels") or {}).items() if str(k) != "0"}
+    labels = dataset.info.get("labels") or {}
+    if labels and all(isinstance(v, dict) for v in labels.values()):  # Learn2Reg 2022+: {"0": {value: name}}
+        labels = next(iter(labels.values()))
+    names = {str(k): str(v) for k, v in labels.items() if str(k) != "0"}
     if not names and set(dataset.evaluation_labels) <= set(FREESURFER_NAMES) and dataset.evaluation_labels:
         names = {str(k): FREESURFER_NAMES[k] for k in dataset.evaluation_labels}
     return names
