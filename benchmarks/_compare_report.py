@@ -95,6 +95,16 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         "training wall time (cached runs report the original); peak RSS: resident memory of the benchmark "
         "process while registering (in brackets: the increase over the level before that method's "
         "registration, i.e. its own working memory).",
+        "",
+        "![accuracy vs time](accuracy_vs_time.png)",
+        "",
+        "![Dice vs SDlogJ and folding](dice_vs_sdlogj.png)",
+        "",
+        "![per-structure Dice](dice_boxplot.png)",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![qualitative panels](qualitative.png)",
     ]
     md_path.write_text("\n".join(header) + "\n")
     return json_path, md_path

@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--elastix-iterations", type=int, help="elastix iterations / level (default 256)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
+    parser.add_argument(
+        "--publish",
+        metavar="NAME",
+        help="also copy the report (JSON, Markdown, summary plots) to benchmarks/results/compare_NAME*",
+    )
     return parser
 
 
@@ -473,7 +478,30 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
         if meta[status]:
             print(f"{status}: {', '.join(meta[status])}")
     print(f"\nwrote {json_path}, {md_path} and the plots in {out} ({meta['total_time_s']:.0f} s)")
+    if args.publish:
+        print(f"published as {publish(out, args.publish)}")
     return rows
+
+
+#: the plots copied by --publish (the per-method panels stay in OUT)
+SUMMARY_PLOTS = ("accuracy_vs_time", "dice_vs_sdlogj", "dice_boxplot", "learning_curves", "qualitative")
+
+
+def publish(out: Path, name: str) -> Path:
+    """Copy ``results.json``, ``results.md`` (plot links renamed) and the summary plots of ``out`` to
+    ``benchmarks/results/compare_<name>.*``; returns the Markdown path."""
+    import shutil
+
+    target = project_root() / "benchmarks" / "results"
+    stem = f"compare_{_file_stem(name)}"
+    shutil.copyfile(out / "results.json", target / f"{stem}.json")
+    text = (out / "results.md").read_text()
+    for plot in SUMMARY_PLOTS:
+        if (out / f"{plot}.png").is_file():
+            shutil.copyfile(out / f"{plot}.png", target / f"{stem}_{plot}.png")
+            text = text.replace(f"({plot}.png)", f"({stem}_{plot}.png)")
+    (target / f"{stem}.md").write_text(text)
+    return target / f"{stem}.md"
 
 
 def _file_stem(name: str) -> str:

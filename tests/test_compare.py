@@ -214,7 +214,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_compare_quick_writes_every_row_metric_and_plot(tiny_dataset, tmp_path):
     from _compare_eval import METRIC_FIELDS
-    from compare import ALL_METHODS
+    from compare import ALL_METHODS, SUMMARY_PLOTS
 
     out = tmp_path / "bench"
     done = _run_compare(
@@ -269,7 +269,7 @@ def test_compare_quick_writes_every_row_metric_and_plot(tiny_dataset, tmp_path):
     # outputs
     table = (out / "results.md").read_text()
     assert "| identity |" in table and "command:" in table and "machine:" in table
-    pngs = ["accuracy_vs_time.png", "dice_boxplot.png"] + [
+    pngs = [f"{p}.png" for p in SUMMARY_PLOTS] + [
         f"panel_{m}.png" for m, r in rows.items() if r["status"] == "ok"
     ]
     for name in pngs:
