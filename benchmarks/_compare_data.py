@@ -163,8 +163,9 @@ def write_prostate3d(source: Path, root: Path, test_cases=PROSTATE_TEST_CASES) -
 
 def write_learn2reg_subset(json_path: Path, root: Path, max_train_pairs: int, seed: int = 0) -> Path:
     """A copy of a Learn2Reg JSON (absolute paths) whose ``training_paired_images`` are at most
-    ``max_train_pairs`` pairs (seeded sample of the ordered subject pairs, or of the given training pairs);
-    ``registration_val`` as in the original. Returns the new JSON's path in ``root``."""
+    ``max_train_pairs`` pairs (seeded sample of the ordered subject pairs, or of the given training pairs)
+    that touch no image of a ``registration_val`` pair; ``registration_val`` as in the original. Returns the
+    new JSON's path in ``root``."""
     dataset = Learn2RegDataset(json_path)
     info = dict(dataset.info)
     if "training_paired_images" in info:
@@ -173,6 +174,9 @@ def write_learn2reg_subset(json_path: Path, root: Path, max_train_pairs: int, se
     else:
         images = [s["image"] for s in dataset.subjects("train")]
         pairs = [{"fixed": f, "moving": m} for f in images for m in images if f != m]
+    # held-out data disjoint from training: no training pair touches an image of a validation pair
+    held_out = {dataset.resolve(p[k]) for p in info.get("registration_val", []) for k in ("fixed", "moving")}
+    pairs = [p for p in pairs if p["fixed"] not in held_out and p["moving"] not in held_out]
     rng = np.random.default_rng(seed)
     if len(pairs) > max_train_pairs:
         pairs = [pairs[i] for i in sorted(rng.choice(len(pairs), max_train_pairs, replace=False))]

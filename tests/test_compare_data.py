@@ -62,7 +62,7 @@ def _official_style_dataset(root: Path) -> Path:
     for folder in ("imagesTr", "labelsTr"):
         (root / folder).mkdir(parents=True)
     entries = []
-    for i in range(1, 5):
+    for i in range(1, 6):
         name = f"TASK_{i:04d}_0000.nii.gz"
         image = rng.random((12, 10, 8)).astype(np.float32)
         nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / name))
@@ -74,10 +74,10 @@ def _official_style_dataset(root: Path) -> Path:
         "tensorImageSize": {"0": "3D"},
         "labels": {"0": {"0": "background", "1": "liver", "2": "spleen"}},
         "evaluation_labels": [1, 2],
-        "numTraining": 3,
-        "training": entries[:3],
+        "numTraining": 4,
+        "training": entries,  # the validation subject is listed too (held out by the recipe)
         "registration_val": [
-            {"fixed": "./imagesTr/TASK_0004_0000.nii.gz", "moving": "./imagesTr/TASK_0001_0000.nii.gz"}
+            {"fixed": "./imagesTr/TASK_0004_0000.nii.gz", "moving": "./imagesTr/TASK_0005_0000.nii.gz"}
         ],
     }
     path = root / "TASK_dataset.json"
@@ -94,13 +94,14 @@ def test_learn2reg_recipe_reads_an_official_json_in_place(tmp_path):
     path = write_learn2reg_subset(original, tmp_path / "out", max_train_pairs=4, seed=1)
     dataset = Learn2RegDataset(path)
     train, val = dataset.pairs("train"), dataset.pairs("val")
-    assert len(train) == 4  # 6 ordered pairs of 3 subjects, 4 sampled
+    assert len(train) == 4  # 6 ordered pairs of the 3 subjects outside validation pairs, 4 sampled
     assert all(p["fixed"] != p["moving"] for p in train)
     assert all(str(tmp_path / "TASK") in p["fixed"] for p in train + val)  # files stay where they are
     # the val pair's labels found beside the original images (labelsTr), not in the output folder
     assert val[0]["fixed_label"] == str((tmp_path / "TASK" / "labelsTr" / "TASK_0004_0000.nii.gz").resolve())
     assert dataset.spatial_dims == 3 and dataset.evaluation_labels == [1, 2]
-    assert not {Path(p["fixed"]).name for p in train} & {"TASK_0004_0000.nii.gz"}
+    used = {Path(p[k]).name for p in train for k in ("fixed", "moving")}
+    assert "TASK_0004_0000.nii.gz" not in used and len(used) == 3  # disjoint from the validation subject
     assert label_names(dataset) == {"1": "liver", "2": "spleen"}  # the official nested "labels" form
 
 
