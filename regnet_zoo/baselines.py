@@ -356,6 +356,7 @@ def elastix_bspline(
     B-spline, Mattes MI, adaptive stochastic gradient descent, 4 resolutions) -> DDF ``(N, *S)``.
 
     ``iterations``: override ``MaximumNumberOfIterations`` of every map (elastix default 256 per resolution).
+    ``CheckNumberOfSamples`` is off (see the code) and the random seed fixed; the rest are elastix's defaults.
     The field comes from transformix on the fixed grid (fixed point -> moving point, the DDF convention).
     Raises ``ImportError`` without the optional ``itk-elastix``.
     """
@@ -374,6 +375,9 @@ def elastix_bspline(
         parameter_map = parameters.GetDefaultParameterMap(name)
         parameter_map["RandomSeed"] = [str(int(seed))]
         parameter_map["WriteResultImage"] = ["false"]
+        # small or padded images: the coarse levels' random samples can fall outside the moving image; keep
+        # going on the samples inside instead of stopping with an error (elastix's own switch)
+        parameter_map["CheckNumberOfSamples"] = ["false"]
         if iterations is not None:
             parameter_map["MaximumNumberOfIterations"] = [str(int(iterations))]
         parameters.AddParameterMap(parameter_map)
