@@ -86,6 +86,7 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         markdown_table(rows),
         "",
         f"- split: {meta['dataset'].get('split', '')}; seeds {meta.get('seeds', [0])}",
+        *[f"- merged from: `{m['command']}`" for m in meta.get("merged_from", [])],
         "",
         "DSC: mean Dice over labels, then mean ± standard deviation over pairs (and training seeds); "
         "DSC30: 0.3-quantile of per-pair Dice; HD95 / TRE in mm; "

@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--elastix-iterations", type=int, help="elastix iterations / level (default 256)")
     parser.add_argument("--retrain", action="store_true", help="ignore cached weights")
     parser.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS_JSON",
+        help="no registration: one report in OUT from earlier runs' results.json on the same dataset (a "
+        "method's row from a later file replaces the earlier one, e.g. a method rerun alone)",
+    )
+    parser.add_argument(
         "--publish",
         metavar="NAME",
         help="also copy the report (JSON, Markdown, summary plots) to benchmarks/results/compare_NAME*",
@@ -508,9 +516,56 @@ def _file_stem(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_-" else "_" for c in name).strip("_")
 
 
+def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list[dict]:
+    """One report from several ``results.json`` of the same dataset (see ``--merge``): rows in the first
+    file's order, replaced by or added from later files; plots redrawn (the qualitative panels need the
+    images: those of the first run are kept when OUT is its folder)."""
+    import json
+
+    from _compare_report import (
+        plot_accuracy_vs_time,
+        plot_dice_boxes,
+        plot_dice_vs_regularity,
+        plot_learning_curves,
+        write_results,
+    )
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    names = {r["dataset"]["dir"] for r in results}
+    if len(names) > 1:
+        raise RegistrationInputError(f"--merge: results of different datasets {sorted(names)}")
+    rows: dict[str, dict] = {}
+    for result in results:
+        for row in result["rows"]:
+            rows[row["method"]] = row
+    meta = dict(results[0])
+    meta.pop("rows")
+    meta["merged_from"] = [
+        {"file": str(p), "command": r["command"]} for p, r in zip(paths, results, strict=True)
+    ]
+    meta["command"] = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+    for status in ("missing", "skipped", "failed"):
+        meta[status] = [r["method"] for r in rows.values() if r["status"] == status]
+    out.mkdir(parents=True, exist_ok=True)
+    ordered = list(rows.values())
+    labels = meta["dataset"].get("label_names") or {}
+    plot_accuracy_vs_time(ordered, out / "accuracy_vs_time.png")
+    plot_dice_boxes(ordered, out / "dice_boxplot.png", label_names=labels)
+    plot_dice_vs_regularity(ordered, out / "dice_vs_sdlogj.png")
+    plot_learning_curves(ordered, out / "learning_curves.png")
+    write_results(out, meta, ordered)
+    print(markdown_table(ordered))
+    return ordered
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.merge:
+        rows = merge_reports(args.merge, args.out, argv)
+        if args.publish:
+            print(f"published as {publish(args.out, args.publish)}")
+        return 0
     try:
         rows = run(args, argv)
     except RegistrationInputError as err:  # a bad dataset folder: one line, no traceback
