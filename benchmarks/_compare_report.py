@@ -82,11 +82,11 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         f"- command: `{meta['command']}`",
         f"- pairs: {meta['dataset']['num_eval_pairs']} evaluation pairs "
         f"({meta['dataset']['eval_split']}), grid {meta['dataset']['grid']}, "
-        f"training budget {meta['budget']} per deep method",
-        markdown_table(rows),
-        "",
+        f"training budget {meta['budget']} per deep method and seed (iterations: note column)",
         f"- split: {meta['dataset'].get('split', '')}; seeds {meta.get('seeds', [0])}",
         *[f"- merged from: `{m['command']}`" for m in meta.get("merged_from", [])],
+        "",
+        markdown_table(rows),
         "",
         "DSC: mean Dice over labels, then mean ± standard deviation over pairs (and training seeds); "
         "DSC30: 0.3-quantile of per-pair Dice; HD95 / TRE in mm; "

@@ -540,10 +540,11 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
             rows[row["method"]] = row
     meta = dict(results[0])
     meta.pop("rows")
-    meta["merged_from"] = [
-        {"file": str(p), "command": r["command"]} for p, r in zip(paths, results, strict=True)
-    ]
-    meta["command"] = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+    if len(paths) > 1:  # one file: its own command stays the report's command (only re-rendered)
+        meta["merged_from"] = [
+            {"file": str(p), "command": r["command"]} for p, r in zip(paths, results, strict=True)
+        ]
+        meta["command"] = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
     for status in ("missing", "skipped", "failed"):
         meta[status] = [r["method"] for r in rows.values() if r["status"] == status]
     out.mkdir(parents=True, exist_ok=True)
