@@ -175,8 +175,9 @@ def _resolve_dataset(args: argparse.Namespace) -> dict[str, Any]:
         info = dict(prepare_dataset(name, args.out, args.l2r_json, seed=args.seeds[0]))
     elif name in ("builtin", "builtin2d", "builtin3d"):
         dims = 3 if name == "builtin3d" else 2
-        info = {"dir": Path(default_dataset_dir(dims)), "spatial_dims": dims, "spacing": None}
-        info.update(image_size=None, train_keys=None, label_names={}, split="built-in phantom pairs")
+        folder = Path(default_dataset_dir(dims))
+        info = {"dir": folder, "spatial_dims": dims, "spacing": None, "image_size": None, "train_keys": None}
+        info.update(label_names=label_names(Learn2RegDataset(folder)), split="built-in phantom pairs")
     else:
         folder = Path(name)
         dataset = Learn2RegDataset(folder)
@@ -550,6 +551,13 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
     out.mkdir(parents=True, exist_ok=True)
     ordered = list(rows.values())
     labels = meta["dataset"].get("label_names") or {}
+    if not labels and Path(meta["dataset"]["dir"]).exists():  # reports written before names were recorded
+        from _compare_data import label_names
+
+        from regnet_zoo.data.learn2reg import Learn2RegDataset
+
+        labels = label_names(Learn2RegDataset(meta["dataset"]["dir"]))
+        meta["dataset"]["label_names"] = labels
     plot_accuracy_vs_time(ordered, out / "accuracy_vs_time.png")
     plot_dice_boxes(ordered, out / "dice_boxplot.png", label_names=labels)
     plot_dice_vs_regularity(ordered, out / "dice_vs_sdlogj.png")
