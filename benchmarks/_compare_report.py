@@ -233,7 +233,9 @@ def plot_dice_boxes(rows: Sequence[dict], path: Path, label_names: dict[str, str
         axes[0, 0].set_axis_off()
     for ax, lab in zip(axes.ravel(), labels, strict=False):
         ax.set_visible(True)
-        data = [[v for v in r["per_label_dice"].get(lab, []) if not math.isnan(v)] or [np.nan] for r in ok]
+        # NaN is null in results.json
+        values = [[v for v in r["per_label_dice"].get(lab, []) if v is not None] for r in ok]
+        data = [[v for v in vs if not math.isnan(v)] or [np.nan] for vs in values]
         parts = ax.boxplot(data, positions=np.arange(len(ok)), widths=0.7, patch_artist=True, showfliers=True)
         for box, r in zip(parts["boxes"], ok, strict=True):
             box.set_facecolor(styles[r["method"]][0])
