@@ -135,7 +135,9 @@ def _ok(rows: Sequence[dict], key: str) -> list[dict]:
     return [r for r in rows if r.get("status") == "ok" and r.get(key) is not None]
 
 
-def _scatter(ax, rows: Sequence[dict], styles: dict, x_key: str, y_key: str, errors: bool = True) -> None:
+def _scatter(
+    ax, rows: Sequence[dict], styles: dict, x_key: str, y_key: str, errors: bool = True, x_errors: bool = True
+) -> None:
     for r in rows:
         if r.get(x_key) is None or r.get(y_key) is None:
             continue
@@ -143,7 +145,7 @@ def _scatter(ax, rows: Sequence[dict], styles: dict, x_key: str, y_key: str, err
         ax.errorbar(
             r[x_key],
             r[y_key],
-            xerr=r.get(f"{x_key}_std") if errors else None,
+            xerr=r.get(f"{x_key}_std") if errors and x_errors else None,
             yerr=r.get(f"{y_key}_std") if errors else None,
             fmt=marker,
             color=colour,
@@ -175,11 +177,11 @@ def plot_accuracy_vs_time(rows: Sequence[dict], path: Path) -> Path:
     ok = [r for r in _ok(rows, key) if r.get("time_per_pair_s")]
     styles = _styles(rows)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    _scatter(ax, ok, styles, "time_per_pair_s", key)
+    _scatter(ax, ok, styles, "time_per_pair_s", key, x_errors=False)  # a log axis: no symmetric time bars
     ax.set_xscale("log")
     ax.set_xlabel("registration time per pair (s, log scale; training not included)")
     ax.set_ylabel(label)
-    ax.set_title("accuracy vs time (bars: standard deviation over pairs and seeds)")
+    ax.set_title("accuracy vs time (bars: standard deviation over pairs and seeds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     _legend_outside(fig, ax)
     fig.tight_layout()

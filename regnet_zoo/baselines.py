@@ -385,7 +385,10 @@ def elastix_bspline(
     _, result_parameters = itk.elastix_registration_method(
         to_itk(fixed_arr), to_itk(moving_arr), parameter_object=parameters, log_to_console=False, **kwargs
     )
-    field = itk.transformix_deformation_field(to_itk(moving_arr), result_parameters)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into its folder
+        field = itk.transformix_deformation_field(to_itk(moving_arr), result_parameters, output_directory=tmp)
     disp = np.asarray(itk.array_from_image(field), dtype=np.float64)  # (*S, N), physical, x-y-z
     ddf = np.moveaxis(disp[..., ::-1], -1, 0) / np.asarray(spacing_list).reshape(-1, *[1] * fixed_arr.ndim)
     return torch.from_numpy(np.ascontiguousarray(ddf)).float()
