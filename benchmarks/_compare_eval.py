@@ -27,6 +27,8 @@ __all__ = [
     "deep_registrar",
     "classic_registrar",
     "evaluate_registrar",
+    "instance_registrar",
+    "combine_rows",
     "num_parameters",
 ]
 
@@ -106,10 +108,12 @@ def load_eval_pairs(
     image_size: list[int] | None,
     max_pairs: int | None = None,
     pre_align: str | None = None,
+    spacing: float | None = None,
 ) -> tuple[list[dict], list[int] | None]:
     """The validation pairs (``registration_val``; the first two training pairs when there are none), each
     preprocessed once with the bundles' ``pair_transforms`` (with the affine stage ``pre_align``, if any)
-    and collated to a batch of one; and the dataset's evaluation labels (``None``: all non-zero labels)."""
+    and collated to a batch of one; and the dataset's evaluation labels (``None``: all non-zero labels).
+    ``spacing``: resample to this voxel size (mm) first (then fixed and moving are padded to one grid)."""
     from regnet_zoo.data.learn2reg import Learn2RegDataset
     from regnet_zoo.data.transforms import pair_collate, pair_transforms
 
@@ -119,6 +123,7 @@ def load_eval_pairs(
         pairs = pairs[:max_pairs]
     transforms = pair_transforms(
         spatial_size=image_size,
+        spacing=spacing,
         pad_multiple=None,
         keys_present=EVAL_KEYS,
         spatial_dims=spatial_dims,
@@ -159,6 +164,27 @@ def classic_registrar(function: Callable[..., Tensor], **kwargs: Any) -> Callabl
         fixed = _plain(batch["fixed"])
         spacing = spacings_of(batch, 1, fixed.ndim - 2)[0]
         return function(fixed[0, 0], _plain(batch["moving"])[0, 0], spacing=spacing, **kwargs)[None]
+
+    return register
+
+
+def instance_registrar(
+    network: nn.Module, loss_fn: Callable, lr: float, steps: int, device: str
+) -> Callable[[dict], Tensor]:
+    """``batch -> ddf``: the network's prediction refined by ``steps`` of instance optimisation
+    (:func:`regnet_zoo.api.instance.instance_optimise`, the method's own loss on the image pair only: labels
+    of the evaluation pair are never used)."""
+    from regnet_zoo.api.instance import instance_optimise
+
+    network = network.to(device).eval()
+
+    def register(batch: dict) -> Tensor:
+        fixed, moving = _plain(batch["fixed"]).to(device), _plain(batch["moving"]).to(device)
+        with torch.no_grad():
+            outputs = network(fixed, moving)
+        with torch.enable_grad():
+            outputs = instance_optimise(network, loss_fn, outputs, fixed, moving, steps, lr)
+        return outputs["ddf"].detach().float().cpu()
 
     return register
 
@@ -216,28 +242,68 @@ def evaluate_registrar(
                     "warped": warped[0, 0].numpy(),
                     "ddf": ddf[0].numpy(),
                 }
-    summary = aggregate_metrics([{k: v for k, v in m.items() if k != "dice"} for m in per_pair])
     per_label: dict[str, list[float]] = {}
     for m in per_pair:
         for label, value in m.get("dice", {}).items():
             per_label.setdefault(str(label), []).append(float(value))
-    row = {
-        "dice_mean": _mean_or_none(summary, "dice_mean"),
-        "dice_mean_30": _mean_or_none(summary, "dice_mean_30"),
-        "hd95_mm": _mean_or_none(summary, "hd95_mm"),
-        "tre_mm": _mean_or_none(summary, "tre_mm"),
-        "sdlogj": _mean_or_none(summary, "sdlogj"),
-        "sdlogj_l2r": _mean_or_none(summary, "sdlogj_l2r"),
-        "folding_percent": _mean_or_none(summary, "folding_percent"),
-        "time_per_pair_s": float(np.mean(times)) if times else None,
-        "peak_rss_mb": memory.peak_rss_mb,
-        "peak_rss_increase_mb": memory.peak_rss_increase_mb,
-        "peak_gpu_mb": memory.peak_gpu_mb,
-        "dice_mean_initial": _mean_or_none(summary, "dice_mean_initial"),
-        "tre_mm_initial": _mean_or_none(summary, "tre_mm_initial"),
-        "mse": _mean_or_none(summary, "mse"),
-        "per_label_dice": per_label,
-        "per_pair": [{k: v for k, v in m.items() if k != "dice"} for m in per_pair],
-        "example": example,
-    }
+    row = _summary_fields([{k: v for k, v in m.items() if k != "dice"} for m in per_pair])
+    row.update(
+        {
+            "peak_rss_mb": memory.peak_rss_mb,
+            "peak_rss_increase_mb": memory.peak_rss_increase_mb,
+            "peak_gpu_mb": memory.peak_gpu_mb,
+            "per_label_dice": per_label,
+            "per_pair": [{k: v for k, v in m.items() if k != "dice"} for m in per_pair],
+            "example": example,
+        }
+    )
     return row
+
+
+#: metrics summarised over pairs (and seeds): mean in the field itself, spread in ``<field>_std``
+_SUMMARY_KEYS = (
+    "dice_mean",
+    "hd95_mm",
+    "tre_mm",
+    "sdlogj",
+    "sdlogj_l2r",
+    "folding_percent",
+    "dice_mean_initial",
+    "tre_mm_initial",
+    "mse",
+)
+
+
+def _summary_fields(per_pair: Sequence[dict]) -> dict[str, Any]:
+    """Mean and standard deviation over ``per_pair`` (``engines.metrics.aggregate_metrics``), DSC30 and the
+    mean registration time."""
+    summary = aggregate_metrics(per_pair)
+    row: dict[str, Any] = {}
+    for key in _SUMMARY_KEYS:
+        row[key] = _mean_or_none(summary, key)
+        std = summary.get(key, {}).get("std") if isinstance(summary.get(key), dict) else None
+        row[f"{key}_std"] = None if std is None or np.isnan(std) else float(std)
+    row["dice_mean_30"] = _mean_or_none(summary, "dice_mean_30")
+    times = [m["time_s"] for m in per_pair if "time_s" in m]
+    row["time_per_pair_s"] = float(np.mean(times)) if times else None
+    row["time_per_pair_s_std"] = float(np.std(times)) if times else None
+    return row
+
+
+def combine_rows(rows: Sequence[dict], seeds: Sequence[int]) -> dict[str, Any]:
+    """One row from the rows of several training seeds: metrics over every (pair, seed), per-label Dice
+    pooled, the example of the first seed, memory / training figures averaged."""
+    first = dict(rows[0])
+    per_pair = [{**m, "seed": seed} for row, seed in zip(rows, seeds, strict=True) for m in row["per_pair"]]
+    first.update(_summary_fields(per_pair))
+    first["per_pair"] = per_pair
+    first["per_label_dice"] = {
+        label: [v for row in rows for v in row["per_label_dice"].get(label, [])]
+        for label in rows[0]["per_label_dice"]
+    }
+    for key in ("peak_rss_mb", "peak_rss_increase_mb", "train_time_s", "final_loss"):
+        values = [row[key] for row in rows if row.get(key) is not None]
+        first[key] = float(np.mean(values)) if values else None
+    first["seeds"] = list(seeds)
+    return first
+

@@ -31,6 +31,7 @@ _COLUMNS = (
 )
 
 
+_SPREAD = ("dice_mean", "hd95_mm", "tre_mm", "sdlogj", "folding_percent")
 _RSS_COLUMN = next(c for c in _COLUMNS if c[1] == "peak_rss_mb")
 
 
@@ -52,6 +53,10 @@ def markdown_table(rows: Sequence[dict], show_gpu: bool | None = None) -> str:
     ]
     for row in rows:
         cells = [_cell(row.get(key), fmt) for _, key, fmt in columns]
+        for i, (_, key, fmt) in enumerate(columns):  # spread over pairs (and seeds) where there is one
+            spread = row.get(f"{key}_std")
+            if key in _SPREAD and spread is not None and cells[i] != "-":
+                cells[i] += " ± " + fmt.format(spread)
         if row.get("peak_rss_increase_mb") is not None and cells[columns.index(_RSS_COLUMN)] != "-":
             cells[columns.index(_RSS_COLUMN)] += f" (+{row['peak_rss_increase_mb']:.0f})"
         note = row.get("note") or ""
@@ -77,17 +82,30 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         f"- command: `{meta['command']}`",
         f"- pairs: {meta['dataset']['num_eval_pairs']} evaluation pairs "
         f"({meta['dataset']['eval_split']}), grid {meta['dataset']['grid']}, "
-        f"training budget {meta['budget']} per deep method",
+        f"training budget {meta['budget']} per deep method and seed (iterations: note column)",
+        f"- split: {meta['dataset'].get('split', '')}; seeds {meta.get('seeds', [0])}",
+        *[f"- merged from: `{m['command']}`" for m in meta.get("merged_from", [])],
         "",
         markdown_table(rows),
         "",
-        "DSC: mean Dice over labels and pairs; DSC30: 0.3-quantile of per-pair Dice; HD95 / TRE in mm; "
+        "DSC: mean Dice over labels, then mean ± standard deviation over pairs (and training seeds); "
+        "DSC30: 0.3-quantile of per-pair Dice; HD95 / TRE in mm; "
         "SDlogJ (clipped): std of log clip(J, 1e-9, 1e9) (corrected form: folds count); SDlogJ L2R: the "
         "Learn2Reg challenge form std of log(J + 3); both and % J<=0 (folding) on the interior (2-voxel "
         "crop); s / pair: registration time per pair; train s: "
         "training wall time (cached runs report the original); peak RSS: resident memory of the benchmark "
         "process while registering (in brackets: the increase over the level before that method's "
         "registration, i.e. its own working memory).",
+        "",
+        "![accuracy vs time](accuracy_vs_time.png)",
+        "",
+        "![Dice vs SDlogJ and folding](dice_vs_sdlogj.png)",
+        "",
+        "![per-structure Dice](dice_boxplot.png)",
+        "",
+        "![learning curves](learning_curves.png)",
+        "",
+        "![qualitative panels](qualitative.png)",
     ]
     md_path.write_text("\n".join(header) + "\n")
     return json_path, md_path
@@ -102,62 +120,171 @@ def _plt():
     return plt
 
 
-def plot_accuracy_vs_time(rows: Sequence[dict], path: Path) -> Path:
-    """Accuracy (mean Dice, or TRE when there are no labels) vs registration time per pair (log x)."""
+_MARKERS = "osD^v<>PX*hp"
+
+
+def _styles(rows: Sequence[dict]) -> dict[str, tuple]:
+    """One (colour, marker) per row, the same in every plot: points are told apart by the legend (beside
+    the axes), never by text placed on the plot, so no two labels overlap."""
     plt = _plt()
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("time_per_pair_s")]
-    use_dice = any(r.get("dice_mean") is not None for r in ok)
-    key, label = (
-        ("dice_mean", "mean Dice (higher is better)") if use_dice else ("tre_mm", "TRE mm (lower is better)")
-    )
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for i, r in enumerate(r for r in ok if r.get(key) is not None):
-        marker = "o" if r.get("kind") == "deep" else "s"
-        ax.scatter(r["time_per_pair_s"], r[key], marker=marker, s=50)
-        # alternate the label above / below its point so that neighbours stay readable
-        offset = (6, 4) if i % 2 == 0 else (6, -11)
-        ax.annotate(r["method"], (r["time_per_pair_s"], r[key]), textcoords="offset points", xytext=offset)
+    colours = plt.cm.tab20(np.linspace(0, 1, 20))
+    return {r["method"]: (colours[i % 20], _MARKERS[i % len(_MARKERS)]) for i, r in enumerate(rows)}
+
+
+def _ok(rows: Sequence[dict], key: str) -> list[dict]:
+    return [r for r in rows if r.get("status") == "ok" and r.get(key) is not None]
+
+
+def _scatter(
+    ax, rows: Sequence[dict], styles: dict, x_key: str, y_key: str, errors: bool = True, x_errors: bool = True
+) -> None:
+    for r in rows:
+        if r.get(x_key) is None or r.get(y_key) is None:
+            continue
+        colour, marker = styles[r["method"]]
+        ax.errorbar(
+            r[x_key],
+            r[y_key],
+            xerr=r.get(f"{x_key}_std") if errors and x_errors else None,
+            yerr=r.get(f"{y_key}_std") if errors else None,
+            fmt=marker,
+            color=colour,
+            ms=7,
+            mec="k",
+            mew=0.5,
+            elinewidth=0.8,
+            capsize=2,
+            label=r["method"],
+        )
+
+
+def _legend_outside(fig, ax) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+
+
+def _accuracy_key(rows: Sequence[dict]) -> tuple[str, str]:
+    if any(r.get("dice_mean") is not None for r in _ok(rows, "dice_mean")):
+        return "dice_mean", "mean Dice (higher is better)"
+    return "tre_mm", "TRE mm (lower is better)"
+
+
+def plot_accuracy_vs_time(rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy (mean Dice ± spread, or TRE) vs registration time per pair (log x); one marker per method."""
+    plt = _plt()
+    key, label = _accuracy_key(rows)
+    ok = [r for r in _ok(rows, key) if r.get("time_per_pair_s")]
+    styles = _styles(rows)
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    _scatter(ax, ok, styles, "time_per_pair_s", key, x_errors=False)  # a log axis: no symmetric time bars
     ax.set_xscale("log")
-    ax.set_xlabel("registration time per pair (s, log scale)")
+    ax.set_xlabel("registration time per pair (s, log scale; training not included)")
     ax.set_ylabel(label)
-    ax.set_title("accuracy vs time (circles: deep, squares: classic)")
+    ax.set_title("accuracy vs time (bars: standard deviation over pairs and seeds)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
+    _legend_outside(fig, ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def plot_dice_boxes(rows: Sequence[dict], path: Path) -> Path:
-    """Per-label Dice box plots: one group per label, one box (over pairs) per method."""
+def plot_dice_vs_regularity(rows: Sequence[dict], path: Path) -> Path:
+    """Accuracy vs the field's regularity, as Learn2Reg reads a result: Dice (or TRE) vs SDlogJ (clipped,
+    corrected form) and vs folding (% J <= 0), one marker per method."""
     plt = _plt()
-    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_label_dice")]
-    labels = sorted({lab for r in ok for lab in r["per_label_dice"]}, key=lambda s: (len(s), s))
-    fig, ax = plt.subplots(figsize=(min(24.0, max(6.0, 0.22 * len(labels) * max(1, len(ok)))), 4.5))
-    if not labels:
-        ax.text(0.5, 0.5, "no label maps in this dataset: no Dice", ha="center", va="center")
-        ax.set_axis_off()
-    width = 0.8 / max(len(ok), 1)
-    colours = plt.cm.tab10(np.linspace(0, 1, 10))
-    for j, r in enumerate(ok):
-        data = [
-            [v for v in r["per_label_dice"].get(lab, []) if not math.isnan(v)] or [np.nan] for lab in labels
-        ]
-        positions = np.arange(len(labels)) + (j - (len(ok) - 1) / 2) * width
-        parts = ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=False)
-        for box in parts["boxes"]:
-            box.set_facecolor(colours[j % 10])
-        parts["boxes"][0].set_label(r["method"])
-    if labels:
-        ax.set_xticks(np.arange(len(labels)))
-        ax.set_xticklabels(labels)
-        ax.set_xlabel("label")
-        ax.set_ylabel("Dice")
-        ax.set_ylim(0, 1)
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
-    ax.set_title("per-label Dice over the evaluation pairs")
+    key, label = _accuracy_key(rows)
+    ok = _ok(rows, key)
+    styles = _styles(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    for ax, x_key, x_label in (
+        (axes[0], "sdlogj", "SDlogJ (std of log clip(J, 1e-9, 1e9), lower is smoother)"),
+        (axes[1], "folding_percent", "% of voxels with J <= 0 (folding)"),
+    ):
+        _scatter(ax, ok, styles, x_key, key)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    axes[0].set_title("accuracy vs smoothness")
+    axes[1].set_title("accuracy vs folding")
+    _legend_outside(fig, axes[1])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_dice_boxes(rows: Sequence[dict], path: Path, label_names: dict[str, str] | None = None) -> Path:
+    """Per-structure Dice box plots (over pairs and seeds): one panel per structure, named (the dataset's
+    label names; the numeric value only where it has none), one box per method."""
+    plt = _plt()
+    ok = [r for r in rows if r.get("status") == "ok" and r.get("per_label_dice")]
+    names = label_names or {}
+    labels = sorted({lab for r in ok for lab in r["per_label_dice"]}, key=lambda s: (len(s), s))
+    columns = min(5, max(1, len(labels)))
+    n_rows = max(1, -(-len(labels) // columns))
+    width = max(3.2, 0.28 * len(ok) + 1.0)
+    fig, axes = plt.subplots(n_rows, columns, figsize=(width * columns, 3.0 * n_rows + 0.8), squeeze=False)
+    styles = _styles(rows)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    if not labels:
+        axes[0, 0].set_visible(True)
+        axes[0, 0].text(0.5, 0.5, "no label maps in this dataset: no Dice", ha="center", va="center")
+        axes[0, 0].set_axis_off()
+    for ax, lab in zip(axes.ravel(), labels, strict=False):
+        ax.set_visible(True)
+        # NaN is null in results.json
+        values = [[v for v in r["per_label_dice"].get(lab, []) if v is not None] for r in ok]
+        data = [[v for v in vs if not math.isnan(v)] or [np.nan] for vs in values]
+        parts = ax.boxplot(data, positions=np.arange(len(ok)), widths=0.7, patch_artist=True, showfliers=True)
+        for box, r in zip(parts["boxes"], ok, strict=True):
+            box.set_facecolor(styles[r["method"]][0])
+        ax.set_title(names.get(lab, f"label {lab}"), fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(np.arange(len(ok)))
+        ax.set_xticklabels([r["method"] for r in ok], rotation=70, ha="right", fontsize=6)
+        ax.grid(True, axis="y", alpha=0.3)
+    for row_axes in axes:
+        row_axes[0].set_ylabel("Dice")
+    fig.suptitle("per-structure Dice over the evaluation pairs (and seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_learning_curves(rows: Sequence[dict], path: Path) -> Path:
+    """Training loss vs iteration of every deep method and seed (moving average over 10 iterations)."""
+    plt = _plt()
+    seen, curves = set(), []
+    for r in rows:
+        key = (r.get("base_method"), r.get("pre_align"))
+        if r.get("learning_curves") and key not in seen:
+            seen.add(key)
+            curves.append((r["method"].replace(" +IO", ""), r["learning_curves"]))
+    columns = min(4, max(1, len(curves)))
+    n_rows = max(1, -(-len(curves) // columns))
+    fig, axes = plt.subplots(n_rows, columns, figsize=(4.2 * columns, 3.0 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.set_visible(False)
+    for ax, (name, seed_curves) in zip(axes.ravel(), curves, strict=False):
+        ax.set_visible(True)
+        for entry in seed_curves:
+            curve = np.asarray(entry["curve"], dtype=np.float64)
+            if curve.size == 0:
+                continue
+            window = min(10, len(curve))
+            smooth = np.convolve(curve[:, 2], np.ones(window) / window, mode="valid")
+            ax.plot(curve[window - 1 :, 0], smooth, lw=1, label=f"seed {entry['seed']}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -211,6 +338,57 @@ def plot_panel(method: str, example: dict, path: Path, grid_step: int | None = N
         ax.set_xticks([])
         ax.set_yticks([])
     fig.suptitle(method)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _grid_lines(ax, in_plane: np.ndarray, step: int | None = None) -> None:
+    """The deformed grid ``x + ddf(x)`` of an in-plane displacement ``(2, H, W)``."""
+    h, w = in_plane.shape[1:]
+    step = step or max(2, min(h, w) // 24)
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
+    y, x = rows + in_plane[0], cols + in_plane[1]
+    for i in range(0, h, step):
+        ax.plot(x[i, :], y[i, :], "k-", lw=0.5)
+    for j in range(0, w, step):
+        ax.plot(x[:, j], y[:, j], "k-", lw=0.5)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
+    ax.set_aspect("equal")
+
+
+def plot_panel_grid(rows: Sequence[dict], path: Path, max_methods: int = 6) -> Path:
+    """Qualitative panels of one pair for a few methods (no registration and the best by Dice / MSE): fixed,
+    moving, warped, |warped - fixed| and the deformed grid (3D: the middle slice along the last axis)."""
+    plt = _plt()
+    with_example = [r for r in rows if r.get("example") is not None]
+    key = "dice_mean" if any(r.get("dice_mean") is not None for r in with_example) else "mse"
+    ranked = sorted(
+        (r for r in with_example if r.get(key) is not None and r["method"] != "identity"),
+        key=lambda r: -r[key] if key == "dice_mean" else r[key],
+    )
+    chosen = [r for r in with_example if r["method"] == "identity"] + ranked[: max_methods - 1]
+    fig, axes = plt.subplots(max(1, len(chosen)), 5, figsize=(13, 2.7 * max(1, len(chosen))), squeeze=False)
+    for ax_row, r in zip(axes, chosen, strict=False):
+        ex = r["example"]
+        fixed, moving, warped = (_slice2d(np.asarray(ex[k])) for k in ("fixed", "moving", "warped"))
+        ddf = np.asarray(ex["ddf"], dtype=np.float64)
+        vmax = float(max(fixed.max(), moving.max(), 1e-6))
+        titles = ("fixed", "moving", "warped")
+        for ax, image, title in zip(ax_row[:3], (fixed, moving, warped), titles, strict=True):
+            ax.imshow(image, cmap="gray", vmin=0, vmax=vmax)
+            ax.set_title(title, fontsize=8)
+        diff = np.abs(warped - fixed)
+        ax_row[3].imshow(diff, cmap="magma", vmin=0, vmax=0.5 * vmax)
+        ax_row[3].set_title(f"|warped - fixed| (mean {diff.mean():.3f})", fontsize=8)
+        _grid_lines(ax_row[4], np.stack([_slice2d(ddf[0]), _slice2d(ddf[1])]))
+        ax_row[4].set_title("grid x + ddf(x)", fontsize=8)
+        ax_row[0].set_ylabel(r["method"], fontsize=9)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -76,9 +76,12 @@ def bundle_train_spec(
     device: str,
     batch_size: int | None = None,
     pre_align: str | None = None,
+    spacing: float | None = None,
+    pair_keys: list[str] | None = None,
 ) -> TrainSpec:
     """The training parts of ``bundles/<method>/train.yaml`` (monai ``ConfigParser``) for this dataset
-    (``pre_align``: the affine stage of its ``pair_transforms``)."""
+    (``pre_align``: the affine stage of its ``pair_transforms``; ``spacing``: resample to this voxel size;
+    ``pair_keys``: the pair entries training reads, e.g. ``["fixed", "moving"]`` to keep labels out)."""
     from regnet_zoo.bundle import bundle_parser
 
     overrides: dict[str, Any] = {
@@ -91,6 +94,10 @@ def bundle_train_spec(
         overrides["batch_size"] = batch_size
     if pre_align is not None:
         overrides["transforms#pre_align"] = pre_align
+    if spacing is not None:
+        overrides["transforms#spacing"] = spacing
+    if pair_keys is not None:
+        overrides["pair_keys"] = list(pair_keys)
     parser = bundle_parser(method, "train", **overrides)
     network = parser.get_parsed_content("network")
     trainer_config = parser.get("train#trainer", {})
@@ -119,6 +126,7 @@ def voxelmorph_train_spec(
     learning_rate: float = 1e-3,
     seed: int = 0,
     pre_align: str | None = None,
+    spacing: float | None = None,
 ) -> TrainSpec:
     """MONAI ``VoxelMorph`` with LNCC (or MSE) + diffusion on every ordered pair of training subjects.
 
@@ -132,6 +140,7 @@ def voxelmorph_train_spec(
     network = VoxelMorphRegistration(spatial_dims=spatial_dims).to(device)
     transforms = pair_transforms(
         spatial_size=image_size,
+        spacing=spacing,
         pad_multiple=None,
         keys_present=["fixed", "moving"],
         spatial_dims=spatial_dims,
@@ -179,10 +188,12 @@ def _run_loop(spec: TrainSpec, budget: Budget, device: str, desc: str) -> dict[s
     bar = tqdm(total=total, desc=f"train {desc}", unit="it", leave=False)
     start = time.perf_counter()
     last_loss: list[float] = []
+    curve: list[list[float]] = []  # learning curve: [iteration, seconds, loss] of every iteration
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _step(engine) -> None:
         last_loss[:] = [float(engine.state.output["loss"])]
+        curve.append([engine.state.iteration, round(time.perf_counter() - start, 3), last_loss[0]])
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss[0]:.4g}")
         elapsed = time.perf_counter() - start
@@ -202,6 +213,7 @@ def _run_loop(spec: TrainSpec, budget: Budget, device: str, desc: str) -> dict[s
         "train_iterations": int(trainer.state.iteration),
         "train_epochs": int(trainer.state.epoch),
         "final_loss": last_loss[0] if last_loss else float("nan"),
+        "loss_curve": curve,
     }
 
 

@@ -9,7 +9,9 @@ and the voxel size per array axis (mm) and returns a DDF ``(N, *S)`` in voxel un
 - :func:`sitk_bspline`: SimpleITK multi-resolution B-spline free-form deformation after the affine (an
   elastix-like setting: MI, pyramid, control-point grid refined per level);
 - :func:`sitk_demons`: SimpleITK diffeomorphic demons after the affine (histogram matching, pyramid);
-- :func:`ants_syn`: ANTsPy SyN (optional ``antspyx``; raises ``ImportError`` when it is not installed).
+- :func:`ants_syn`: ANTsPy SyN (optional ``antspyx``; raises ``ImportError`` when it is not installed);
+- :func:`elastix_bspline`: elastix (optional ``itk-elastix``) with its default affine then B-spline parameter
+  maps (raises ``ImportError`` when it is not installed).
 
 Images are handed to SimpleITK with the real voxel size but identity direction and zero origin, so that
 physical displacements divided by the spacing are voxel displacements along the array axes (SimpleITK
@@ -45,6 +47,8 @@ __all__ = [
     "sitk_demons",
     "ants_syn",
     "ants_available",
+    "elastix_bspline",
+    "elastix_available",
     "VoxelMorphRegistration",
     "VoxelMorphLoss",
 ]
@@ -306,10 +310,12 @@ def ants_syn(
     moving: Tensor | np.ndarray,
     spacing: float | Sequence[float] | None = None,
     transform_type: str = "SyN",
+    **kwargs,
 ) -> Tensor:
     """ANTsPy SyN (affine + symmetric normalisation) -> DDF ``(N, *S)``.
 
-    Raises ``ImportError`` without the optional ``antspyx``.
+    ``kwargs`` go to ``ants.registration`` (e.g. ``syn_metric="mattes"`` for multi-modal pairs: its default,
+    cross-correlation, assumes one modality). Raises ``ImportError`` without the optional ``antspyx``.
     """
     import tempfile
 
@@ -320,7 +326,7 @@ def ants_syn(
     # ANTsPy indexes numpy arrays as (x, y, z): vector component i is array axis i of what we pass in
     fixed_ants = ants.from_numpy(fixed_arr, spacing=spacing)
     moving_ants = ants.from_numpy(moving_arr, spacing=spacing)
-    result = ants.registration(fixed_ants, moving_ants, type_of_transform=transform_type)
+    result = ants.registration(fixed_ants, moving_ants, type_of_transform=transform_type, **kwargs)
     with tempfile.TemporaryDirectory() as tmp:
         # compose the affine and the SyN warp into one displacement field file on the fixed grid
         composite = ants.apply_transforms(
@@ -331,12 +337,75 @@ def ants_syn(
     return torch.from_numpy(np.ascontiguousarray(ddf)).float()
 
 
+def elastix_available() -> bool:
+    """Whether elastix (``itk-elastix``) can be imported."""
+    try:
+        import itk
+
+        itk.ElastixRegistrationMethod  # noqa: B018 (lazy ITK modules: fail here, not inside a benchmark)
+    except (ImportError, AttributeError):
+        return False
+    return True
+
+
+def elastix_bspline(
+    fixed: Tensor | np.ndarray,
+    moving: Tensor | np.ndarray,
+    spacing: float | Sequence[float] | None = None,
+    maps: Sequence[str] = ("affine", "bspline"),
+    iterations: int | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+) -> Tensor:
+    """elastix (``itk-elastix``) with its default parameter maps ``maps`` in sequence (default: affine then
+    B-spline, Mattes MI, adaptive stochastic gradient descent, 4 resolutions) -> DDF ``(N, *S)``.
+
+    ``iterations``: override ``MaximumNumberOfIterations`` of every map (elastix default 256 per resolution).
+    ``CheckNumberOfSamples`` is off (see the code) and the random seed fixed; the rest are elastix's defaults.
+    The field comes from transformix on the fixed grid (fixed point -> moving point, the DDF convention).
+    Raises ``ImportError`` without the optional ``itk-elastix``.
+    """
+    import itk
+
+    fixed_arr, moving_arr = _image_array(fixed, "fixed"), _image_array(moving, "moving")
+    spacing_list = _spacing(spacing, fixed_arr.ndim)
+
+    def to_itk(arr: np.ndarray):
+        image = itk.image_from_array(np.ascontiguousarray(arr, dtype=np.float32))
+        image.SetSpacing(spacing_list[::-1])  # ITK orders x, y, z: the array axes reversed
+        return image
+
+    parameters = itk.ParameterObject.New()
+    for name in maps:
+        parameter_map = parameters.GetDefaultParameterMap(name)
+        parameter_map["RandomSeed"] = [str(int(seed))]
+        parameter_map["WriteResultImage"] = ["false"]
+        # small or padded images: the coarse levels' random samples can fall outside the moving image; keep
+        # going on the samples inside instead of stopping with an error (elastix's own switch)
+        parameter_map["CheckNumberOfSamples"] = ["false"]
+        if iterations is not None:
+            parameter_map["MaximumNumberOfIterations"] = [str(int(iterations))]
+        parameters.AddParameterMap(parameter_map)
+    kwargs = {"number_of_threads": int(threads)} if threads else {}
+    _, result_parameters = itk.elastix_registration_method(
+        to_itk(fixed_arr), to_itk(moving_arr), parameter_object=parameters, log_to_console=False, **kwargs
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into its folder
+        field = itk.transformix_deformation_field(to_itk(moving_arr), result_parameters, output_directory=tmp)
+    disp = np.asarray(itk.array_from_image(field), dtype=np.float64)  # (*S, N), physical, x-y-z
+    ddf = np.moveaxis(disp[..., ::-1], -1, 0) / np.asarray(spacing_list).reshape(-1, *[1] * fixed_arr.ndim)
+    return torch.from_numpy(np.ascontiguousarray(ddf)).float()
+
+
 CLASSIC_BASELINES = {
     "identity": identity_ddf,
     "sitk_affine": sitk_affine,
     "sitk_bspline": sitk_bspline,
     "sitk_demons": sitk_demons,
     "ants_syn": ants_syn,
+    "elastix": elastix_bspline,
 }
 
 
