@@ -372,7 +372,7 @@ def _pairs(args, device) -> dict:
 def _attempt(context: dict, function, *args) -> dict:
     """``function(*args)``'s row, or ``context`` with the error (one method failing must not end the run)."""
     try:
-        return function(*args)
+        return {**function(*args), "measured": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as err:
         print(f"FAILED {context}: {type(err).__name__}: {err}", flush=True)
         if torch.cuda.is_available():
@@ -719,11 +719,26 @@ def main(argv=None) -> None:
         else:
             result.update(env={**env, "load_average_start": load_start, "load_average_end": _load()},
                           args=settings)
-            report[name] = result
+            report[name] = _merge_rows(report.get(name), result)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=1) + "\n")  # after every section: a crash keeps the rest
         write_markdown(report, out.with_suffix(".md"))
     print("wrote", out, out.with_suffix(".md"))
+
+
+def _merge_rows(earlier: dict | None, result: dict) -> dict:
+    """``result`` plus the rows of an ``earlier`` run of the section at (size, method) pairs not measured
+    now (each row keeps its own load average and ``measured`` time)."""
+    if not earlier or "rows" not in result:
+        return result
+    key = lambda row: (tuple(row.get("size", ())), row["method"])  # noqa: E731
+    now = {key(row) for row in result["rows"]}
+    kept = [row for row in earlier.get("rows", []) if key(row) not in now]
+    if kept:
+        result["rows"] = kept + result["rows"]
+        if isinstance(earlier.get("pair"), dict) and isinstance(result.get("pair"), dict):
+            result["pair"] = {**earlier["pair"], **result["pair"]}
+    return result
 
 
 def _md_env(env: dict, args: dict, name: str) -> str:

@@ -50,3 +50,11 @@ def test_synthetic_pair_is_labelled_and_shaped():
     pair = speed.load_pair((24, 20, 16), Path("/nonexistent"))
     assert pair["fixed"].shape == pair["fixed_label"].shape == (1, 1, 24, 20, 16)
     assert "synthetic" in pair["source"] and set(pair["evaluation"]) == {1, 2, 3}
+
+
+def test_rerun_replaces_only_the_rows_it_measured():
+    earlier = {"rows": [{"size": [64, 64, 64], "method": "pwc", "seconds": 1.0},
+                        {"size": [32, 32, 32], "method": "pwc", "seconds": 0.5}]}
+    new = {"rows": [{"size": [32, 32, 32], "method": "pwc", "seconds": 0.4}]}
+    rows = speed._merge_rows(earlier, new)["rows"]
+    assert sorted((r["size"][0], r["seconds"]) for r in rows) == [(32, 0.4), (64, 1.0)]
