@@ -239,6 +239,8 @@ METHODS = ("pwc", "regnet", "ddrnet", "bspline_unet", "discrete_corr")
 #: the methods section's extra rows: RegNet's dense inference at even voxels only (``dense_mode``
 #: "interpolate", the bundle's faster option), against its default exact mode
 VARIANTS = {"regnet_interpolate": ("regnet", {"dense_mode": "interpolate"})}
+#: methods whose transform parameters are a DDF / SVF on the image grid (identity = zeros)
+DENSE_PARAMETERS = ("pwc", "regnet", "ddrnet")
 PAIR_FILES = ("OASIS_0001_0000.nii.gz", "OASIS_0002_0000.nii.gz")
 
 
@@ -485,9 +487,15 @@ def _instance_row(args, device, instance, pair: dict, size: tuple[int, ...], met
     fixed, moving = pair["fixed"].to(device), pair["moving"].to(device)
     network, weights = bundle_network(method, device)
     loss_fn, lr = instance.bundle_instance_loss(method, 3, device)
+    start = "network output"
     with torch.inference_mode():
-        outputs = network(fixed, moving)
+        if args.instance_start == "identity" and method in DENSE_PARAMETERS:  # skips a slow CPU forward
+            outputs = network.outputs_from_parameters(fixed.new_zeros(1, 3, *size), fixed, moving)
+            start = "identity"
+        else:
+            outputs = network(fixed, moving)
     row = {"size": list(size), "method": method, "weights": weights, "steps": args.steps, "lr": lr,
+           "start": start,
            "schedule": instance.instance_schedule(tuple(size), args.steps),
            "dice_start": mean_dice(pair, outputs["ddf"])}
     loops = [("coarse_to_fine", True)]
@@ -653,6 +661,9 @@ def main(argv=None) -> None:
     parser.add_argument("--train-iters", type=int, default=3, help="timed training iterations per method")
     parser.add_argument("--instance-methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--steps", type=int, default=20, help="instance-optimisation steps")
+    parser.add_argument("--instance-start", choices=["network", "identity"], default="network",
+                        help="instance section's start: the network's output, or (dense methods) the "
+                        "identity (no forward pass: for slow CPU runs with untrained networks)")
     parser.add_argument("--full-loop-sizes", nargs="*", default=None,
                         help="sizes at which the full-resolution instance loop runs too (default: all)")
     parser.add_argument("--classic", nargs="*", default=["sitk_bspline", "ants_syn"],
@@ -705,10 +716,11 @@ def main(argv=None) -> None:
     out = Path(stem).with_suffix(".json")
     # sections not run this time keep their earlier results (each new section carries its own env / args;
     # the top-level env / args belong to the core section)
-    report = json.loads(out.read_text()) if out.is_file() else {}
     for name in args.section:
         load_start = _load()
         result = SECTIONS[name](args, device)
+        # read again just before writing: another run may have written other sections meanwhile
+        report = json.loads(out.read_text()) if out.is_file() else {}
         if _fast.numba is not None:
             try:
                 env["numba_threading_layer"] = _fast.numba.threading_layer()
@@ -780,13 +792,14 @@ def _md_training(sec: dict) -> list[str]:
 
 def _md_instance(sec: dict) -> list[str]:
     header = ["size", "method", "steps", "schedule (factor, steps)", "coarse-to-fine s (CPU s)",
-              "full-resolution s (CPU s)", "Dice: network -> coarse-to-fine / full-resolution",
+              "full-resolution s (CPU s)", "Dice: start -> coarse-to-fine / full-resolution",
               "peak MiB c2f / full"]
     rows = []
     for r in sec["rows"]:
         full = "full_resolution_s" in r
+        start = " (from identity)" if r.get("start") == "identity" else ""
         rows.append([
-            _size(r), r["method"], str(r["steps"]), str(r["schedule"]),
+            _size(r), r["method"] + start, str(r["steps"]), str(r["schedule"]),
             f"{r['coarse_to_fine_s']:.1f} ({r['coarse_to_fine_cpu_s']:.1f})",
             f"{r['full_resolution_s']:.1f} ({r['full_resolution_cpu_s']:.1f})" if full else "-",
             f"{r['dice_start']:.3f} -> {r['coarse_to_fine_dice']:.3f} / "
