@@ -671,10 +671,23 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None,
                         help="output stem (default benchmarks/results/speed, speed_gpu on CUDA)")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the .md next to an existing JSON")
+    parser.add_argument("--merge", nargs="+", metavar="JSON",
+                        help="only merge the per-method sections of other runs' JSON into --out (rows by "
+                        "size and method, each keeping its own load and time)")
     args = parser.parse_args(argv)
     if args.render:
         report = json.loads(Path(args.render).read_text())
         write_markdown(report, Path(args.render).with_suffix(".md"))
+        return
+    if args.merge:
+        out = Path(args.out or ROOT / "benchmarks" / "results" / "speed").with_suffix(".json")
+        report = json.loads(out.read_text()) if out.is_file() else {}
+        for other in args.merge:
+            for name, section in json.loads(Path(other).read_text()).items():
+                if name in _MD_SECTIONS:
+                    report[name] = _merge_rows(report.get(name), section)
+        out.write_text(json.dumps(report, indent=1) + "\n")
+        write_markdown(report, out.with_suffix(".md"))
         return
     global DATA
     DATA = Path(args.data) if args.data else DATA  # the core section reads its image from here too
