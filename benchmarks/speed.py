@@ -328,7 +328,8 @@ def bundle_network(method: str, device: torch.device, train: bool = False) -> tu
     try:
         network = load_bundle_weights(method, None, "cpu", spatial_dims=3)[0]
         weights = "trained (bundle weights)"
-    except (FileNotFoundError, RuntimeError):
+    except (FileNotFoundError, RuntimeError, ValueError, KeyError):  # no (usable) weights: random init
+        torch.manual_seed(0)
         network = bundle_parser(method, "train", spatial_dims=3).get_parsed_content("network_def")
     for key, value in attributes.items():
         setattr(network, key, value)
