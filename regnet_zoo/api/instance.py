@@ -48,7 +48,7 @@ def instance_optimise(
     """Adam on ``network.transform_parameters(outputs)`` minimising the bundle's loss for this pair.
 
     Coarse to fine (default) for dense parameters (a DDF or SVF ``(B, N, *S)`` on the image grid: PWC,
-    RegNet, DDR-Net): most steps on images block-averaged by 4 (then 2), a tenth at full resolution
+    RegNet, DDR-Net): most steps on images block-averaged by 4 (then 2), a fifth at full resolution
     (:func:`instance_schedule`); the parameters are pooled to each level (values in level voxels) and the
     level's update is upsampled and added. Parameters on a coarse grid already (B-spline control points,
     discrete-correlation displacements) are optimised at full resolution: there the pooled levels measured
@@ -109,20 +109,18 @@ def instance_schedule(shape: Sequence[int], steps: int, min_size: int = 16) -> l
     """``[(factor, steps), ...]`` of the coarse-to-fine schedule, coarsest first, steps summing to ``steps``.
 
     The coarsest factor is 4 (2 where a grid pooled by 4 would have an axis under ``min_size`` voxels, 1
-    where even 2 would); a tenth of the steps (at least one) run at full resolution, a quarter at factor 2
+    where even 2 would); a fifth of the steps (at least one) run at full resolution, a quarter at factor 2
     when the coarsest is 4, the rest at the coarsest level. Under 4 steps: all at full resolution.
-    A full-resolution step costs 8x a factor-2 step and 64x a factor-4 one (more for DDR-Net, whose
-    scaling and squaring runs forward and backward at full resolution: about 10 CPU-s a step at
-    160x192x224), so the full-resolution share sets the time; with Adam's steps of about ``lr`` voxels the
-    last few steps move the field by a fraction of a voxel (``benchmarks/speed.py --section instance``
-    compares the result with the full-resolution loop at equal steps).
+    The full-resolution steps set the time (8x a factor-2 step, 64x a factor-4 one); a tenth instead of a
+    fifth measured less accurate than the full-resolution loop at 64^3 (PWC, Dice 0.610 vs 0.618), a fifth
+    more accurate (``benchmarks/speed.py --section instance``).
     """
     factor = 1
     while factor < 4 and min(math.ceil(s / (2 * factor)) for s in shape) >= min_size:
         factor *= 2
     if factor == 1 or steps < 4:
         return [(1, steps)]
-    full = max(1, steps // 10)
+    full = max(1, steps // 5)
     if factor == 2:
         return [(2, steps - full), (1, full)]
     half = max(1, steps // 4)
