@@ -762,6 +762,7 @@ def _merge_rows(earlier: dict | None, result: dict) -> dict:
     kept = [row for row in earlier.get("rows", []) if key(row) not in now]
     if kept:
         result["rows"] = kept + result["rows"]
+        result["merged"] = True
         if isinstance(earlier.get("pair"), dict) and isinstance(result.get("pair"), dict):
             result["pair"] = {**earlier["pair"], **result["pair"]}
     return result
@@ -853,16 +854,22 @@ def _md_goals(report: dict) -> list[str]:
         if name != "sitk_bspline":
             continue
         for (msize, method), r in sorted(methods.items()):
-            if msize == size:
+            if msize == size:  # CPU seconds: the load-independent measure where runs saw different loads
                 ratio = ref["seconds"] / r["seconds"]
-                lines.append(f"- {size}: {method} {ratio:.0f}x faster than SimpleITK B-spline "
-                             f"({'met' if ratio >= 50 else 'NOT met'}: goal >= 50x)")
+                cpu = ref["cpu_seconds"] / max(r["cpu_seconds"], 1e-9)
+                lines.append(f"- {size}: {method} {ratio:.1f}x (wall) / {cpu:.1f}x (CPU seconds) faster than "
+                             f"SimpleITK B-spline ({'met' if min(ratio, cpu) >= 50 else 'NOT met'}: "
+                             "goal >= 50x)")
     if ("64x64x64", "pwc") in methods:
-        s = methods[("64x64x64", "pwc")]["seconds"]
-        lines.append(f"- PWC at 64^3: {s:.2f} s ({'met' if s <= 4.83 else 'NOT met'}: paper 4.83 s on a CPU)")
+        r = methods[("64x64x64", "pwc")]
+        s = r["seconds"]
+        lines.append(f"- PWC at 64^3: {s:.2f} s wall, {r['cpu_seconds']:.1f} CPU seconds "
+                     f"({'met' if s <= 4.83 else 'NOT met'}: paper 4.83 s on a CPU)")
     if ("160x192x224", "regnet") in methods:
-        s = methods[("160x192x224", "regnet")]["seconds"]
-        lines.append(f"- RegNet dense 160x192x224: {s:.1f} s ({'met' if s < 60 else 'NOT met'}: goal < 60 s)")
+        r = methods[("160x192x224", "regnet")]
+        s = r["seconds"]
+        lines.append(f"- RegNet dense 160x192x224: {s:.1f} s wall, {r['cpu_seconds']:.1f} CPU seconds "
+                     f"({'met' if s < 60 else 'NOT met'}: goal < 60 s)")
     return lines
 
 
@@ -894,6 +901,9 @@ def write_markdown(report: dict, path: Path) -> None:
         if sec is None:
             continue
         md += [f"## {title}", "", _md_env(sec["env"], sec["args"], name), ""]
+        if sec.get("merged"):
+            md += ["Rows from several runs (`--merge`); each row's time and load average are in the JSON.",
+                   ""]
         if sec.get("pair"):
             md += [f"Pair: {sec['pair']}.", ""]
         if sec.get("skipped") and not sec.get("rows"):
