@@ -50,3 +50,27 @@ def test_synthetic_pair_is_labelled_and_shaped():
     pair = speed.load_pair((24, 20, 16), Path("/nonexistent"))
     assert pair["fixed"].shape == pair["fixed_label"].shape == (1, 1, 24, 20, 16)
     assert "synthetic" in pair["source"] and set(pair["evaluation"]) == {1, 2, 3}
+
+
+def test_rerun_replaces_only_the_rows_it_measured():
+    earlier = {"rows": [{"size": [64, 64, 64], "method": "pwc", "seconds": 1.0},
+                        {"size": [32, 32, 32], "method": "pwc", "seconds": 0.5}]}
+    new = {"rows": [{"size": [32, 32, 32], "method": "pwc", "seconds": 0.4}]}
+    rows = speed._merge_rows(earlier, new)["rows"]
+    assert sorted((r["size"][0], r["seconds"]) for r in rows) == [(32, 0.4), (64, 1.0)]
+
+
+def test_merge_adds_other_runs_sections(tmp_path):
+    other = tmp_path / "other.json"
+    def row(edge):
+        return {"size": [edge] * 3, "method": "sitk_bspline", "seconds": 2.0, "cpu_seconds": 3.0,
+                "peak_mib": 1.0, "dice": 0.5}
+
+    env = {k: "x" for k in ("device", "cpu", "cpu_count", "torch", "torch_num_threads", "memory")}
+    other.write_text(json.dumps({"classic": {"env": env, "args": {}, "rows": [row(8)]}, "unrelated": 1}))
+    out = tmp_path / "speed"
+    out.with_suffix(".json").write_text(json.dumps({"classic": {"env": env, "args": {}, "rows": [row(4)]}}))
+    speed.main(["--merge", str(other), "--out", str(out)])
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert "unrelated" not in report and [r["size"][0] for r in report["classic"]["rows"]] == [4, 8]
+    assert "| 8x8x8 | sitk_bspline |" in out.with_suffix(".md").read_text()

@@ -111,6 +111,9 @@ def instance_schedule(shape: Sequence[int], steps: int, min_size: int = 16) -> l
     The coarsest factor is 4 (2 where a grid pooled by 4 would have an axis under ``min_size`` voxels, 1
     where even 2 would); a fifth of the steps (at least one) run at full resolution, a quarter at factor 2
     when the coarsest is 4, the rest at the coarsest level. Under 4 steps: all at full resolution.
+    The full-resolution steps set the time (8x a factor-2 step, 64x a factor-4 one); with a tenth of them
+    PWC's Dice at 64^3 fell below the full-resolution loop's in a trial run, so a fifth stays (times and
+    Dice against that loop: ``benchmarks/speed.py --section instance``).
     """
     factor = 1
     while factor < 4 and min(math.ceil(s / (2 * factor)) for s in shape) >= min_size:

@@ -260,6 +260,9 @@ class RegNet(nn.Module):
             pad += [CONTEXT_BEFORE, CONTEXT_AFTER]
         fixed_pad = F.pad(fixed, pad, mode=self.padding_mode)
         moving_pad = F.pad(moving, pad, mode=self.padding_mode)
+        if n == 3 and fixed.device.type == "cpu":  # oneDNN 3D convolutions: ~20 % less CPU time channels-last
+            fixed_pad = fixed_pad.contiguous(memory_format=torch.channels_last_3d)
+            moving_pad = moving_pad.contiguous(memory_format=torch.channels_last_3d)
         stride_only = self.dense_mode == "interpolate"
         if self.tile_size is None:
             # one tile, with no Python arithmetic on the sizes: a traced export follows the input's size
