@@ -321,19 +321,8 @@ def plot_panel(method: str, example: dict, path: Path, grid_step: int | None = N
         axes[4].contour(folds, levels=[0.5], colors="k", linewidths=0.6)
     axes[4].set_title(f"Jacobian det. ({100 * (jac <= 0).mean():.2f}% <= 0)")
     fig.colorbar(shown, ax=axes[4], fraction=0.046)
-    h, w = in_plane.shape[1:]
-    step = grid_step or max(2, min(h, w) // 24)
-    rows, cols = np.mgrid[0:h, 0:w].astype(np.float64)
-    y, x = rows + in_plane[0], cols + in_plane[1]  # deformed positions of the grid points (array axes)
-    ax = axes[5]
-    for i in range(0, h, step):
-        ax.plot(x[i, :], y[i, :], "k-", lw=0.5)
-    for j in range(0, w, step):
-        ax.plot(x[:, j], y[:, j], "k-", lw=0.5)
-    ax.set_xlim(-0.5, w - 0.5)
-    ax.set_ylim(h - 0.5, -0.5)
-    ax.set_aspect("equal")
-    ax.set_title("grid x + ddf(x)")
+    _grid_lines(axes[5], in_plane, grid_step)
+    axes[5].set_title("grid x + ddf(x)")
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
