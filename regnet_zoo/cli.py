@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="test-time optimisation: Adam steps on the network's transform parameters with its own loss",
     )
     reg.add_argument(
+        "--instance-similarity",
+        choices=("lncc", "mi", "ngf"),
+        help="instance optimisation with this image similarity + 0.1 diffusion instead of the bundle's loss "
+        "(lncc for a pair of two contrasts where the bundle's loss compares intensities, e.g. DDR-Net's MSE)",
+    )
+    reg.add_argument(
         "--affine",
         choices=("affine", "rigid", "none"),
         default="affine",
@@ -241,6 +247,7 @@ def _register(args: argparse.Namespace) -> int:
         weights=args.weights,
         device=args.device,
         instance_opt=args.instance_opt,
+        instance_similarity=args.instance_similarity,
         inverse=args.inverse,
         affine=None if args.affine == "none" else args.affine,
         affine_options={"similarity": args.similarity} if args.similarity else None,

@@ -165,6 +165,13 @@ def test_register_refuses_a_folder_with_results_unless_overwrite(registered, pai
         capsys, *register_args(pair, weights, registered, "--overwrite", "--instance-opt", "2")
     )
     assert code == 0 and json.loads(out)["dice_mean"] is not None
+    code, out, _ = run(
+        capsys,
+        *register_args(
+            pair, weights, registered, "--overwrite", "--instance-opt", "2", "--instance-similarity", "lncc"
+        ),
+    )
+    assert code == 0 and json.loads(out)["dice_mean"] is not None
 
 
 def test_interrupted_register_leaves_no_half_written_file(pair, weights, tmp_path, capsys, monkeypatch):

@@ -57,3 +57,27 @@ def test_coarse_to_fine_is_as_accurate_as_the_full_resolution_loop(pair, network
     assert full_mse < 0.9 * start_mse and c2f_mse < 0.9 * start_mse
     assert c2f_mse <= 1.05 * full_mse, results
     assert c2f_dice >= full_dice - 0.01, results
+
+
+
+def test_instance_similarity_replaces_a_same_contrast_bundle_loss(pair):
+    """moving = the moving phantom with inverted contrast (another 'modality'): DDR-Net's MSE-based bundle
+    loss pulls the labels apart; LNCC (squared local correlation: sign-invariant) + diffusion aligns them."""
+    from regnet_zoo.api.instance import bundle_instance_loss, image_instance_loss
+    from regnet_zoo.errors import RegistrationInputError
+
+    torch.manual_seed(0)
+    moving = 1.0 - pair["moving"] / pair["moving"].max()
+    network = DDRNet(spatial_dims=2).eval()
+    with torch.no_grad():
+        outputs = network(pair["fixed"], moving)
+    _, start = _scores(outputs, pair)
+    dice = {}
+    for similarity in (None, "lncc"):
+        loss_fn, lr = bundle_instance_loss("ddrnet", 2, torch.device("cpu"), similarity)
+        tuned = instance_optimise(network, loss_fn, outputs, pair["fixed"], moving, 40, lr)
+        dice[similarity] = _scores(tuned, pair)[1]
+    assert dice[None] < start, dice  # the same-contrast loss misleads across contrasts
+    assert dice["lncc"] > start + 0.1, (start, dice)
+    with pytest.raises(RegistrationInputError):
+        image_instance_loss("ssd")

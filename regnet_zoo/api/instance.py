@@ -9,13 +9,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from regnet_zoo.core.losses import diffusion_loss, lncc_loss
+from regnet_zoo.core.losses import diffusion_loss, lncc_loss, mutual_information_loss, ngf_loss
 from regnet_zoo.core.pyramid import downsample_ddf_to_level, pool_to_grid, upsample_ddf_from_level
 from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
     "DEFAULT_INSTANCE_OPT_LR",
+    "INSTANCE_SIMILARITIES",
+    "image_instance_loss",
     "unsupervised_instance_loss",
     "instance_optimise",
     "instance_schedule",
@@ -27,12 +29,34 @@ __all__ = [
 DEFAULT_INSTANCE_OPT_LR = 0.05
 
 
-def unsupervised_instance_loss(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Fallback objective of instance optimisation for methods whose training loss needs supervision
-    (RegNet's needs the ground-truth field): ``LNCC(warped, fixed) + 0.1 * diffusion(ddf)``."""
-    similarity = lncc_loss(outputs["warped"], batch["fixed"])
-    smoothness = diffusion_loss(outputs["ddf"])
-    return {"loss": similarity + 0.1 * smoothness, "similarity": similarity, "smoothness": smoothness}
+#: image similarities for instance optimisation on the pair alone. LNCC is squared local correlation, so it
+#: holds across a contrast inversion (tests/test_instance.py: an inverted phantom pair, where DDR-Net's
+#: MSE-based bundle loss fails); MI (global, Parzen) and NGF (edges, eps 0.1) are offered but did not help
+#: on that pair
+INSTANCE_SIMILARITIES = {"lncc": lncc_loss, "mi": mutual_information_loss, "ngf": ngf_loss}
+
+
+def image_instance_loss(similarity: str = "lncc", smoothness: float = 0.1):
+    """The objective ``similarity(warped, fixed) + smoothness * diffusion(ddf)`` on an image pair alone, with
+    ``similarity`` one of :data:`INSTANCE_SIMILARITIES`: ``loss_fn(outputs, batch) -> dict``."""
+    if similarity not in INSTANCE_SIMILARITIES:
+        raise RegistrationInputError(
+            f"instance similarity must be one of {sorted(INSTANCE_SIMILARITIES)}, got {similarity!r}"
+        )
+    measure = INSTANCE_SIMILARITIES[similarity]
+
+    def loss_fn(outputs: dict[str, Tensor], batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        sim = measure(outputs["warped"], batch["fixed"])
+        smooth = diffusion_loss(outputs["ddf"])
+        return {"loss": sim + smoothness * smooth, "similarity": sim, "smoothness": smooth}
+
+    loss_fn.__name__ = f"{similarity}_instance_loss"
+    return loss_fn
+
+
+#: fallback objective of instance optimisation for methods whose training loss needs supervision (RegNet's
+#: needs the ground-truth field): ``LNCC(warped, fixed) + 0.1 * diffusion(ddf)``
+unsupervised_instance_loss = image_instance_loss("lncc")
 
 
 def instance_optimise(
@@ -150,12 +174,17 @@ def _level_outputs(
     return outputs
 
 
-def bundle_instance_loss(method: str, spatial_dims: int, device: torch.device):
+def bundle_instance_loss(method: str, spatial_dims: int, device: torch.device, similarity: str | None = None):
     """The instance-optimisation objective and Adam step size of a bundle: ``instance_opt_loss`` (else
-    ``loss``) and ``instance_opt_lr`` (else :data:`DEFAULT_INSTANCE_OPT_LR`) of its ``train.yaml``."""
+    ``loss``) and ``instance_opt_lr`` (else :data:`DEFAULT_INSTANCE_OPT_LR`) of its ``train.yaml``; with
+    ``similarity`` (:data:`INSTANCE_SIMILARITIES`) :func:`image_instance_loss` replaces the bundle's loss
+    (e.g. ``"lncc"`` for a multi-modal pair, where a bundle's MSE-based loss misleads)."""
     from regnet_zoo.bundle import bundle_parser
 
     train_config = bundle_parser(method, "train", spatial_dims=spatial_dims)
+    if similarity is not None:
+        lr = train_config.get("instance_opt_lr")
+        return image_instance_loss(similarity), float(lr) if lr is not None else DEFAULT_INSTANCE_OPT_LR
     loss_key = "instance_opt_loss" if train_config.get("instance_opt_loss") is not None else "loss"
     if train_config.get(loss_key) is None:
         raise RegistrationInputError(f"the {method} bundle's train.yaml defines no 'loss'")

@@ -430,7 +430,6 @@ def warp_and_evaluate(pair: PairInputs, ddf: Tensor) -> tuple[Tensor, MetaTensor
 
 
 
-
 def affine_stage(
     pair: PairInputs, prep: Preprocessing, transform: str, device: torch.device, **options: Any
 ) -> np.ndarray:
@@ -529,6 +528,7 @@ def register(
     affine_options: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     inverse: bool = False,
+    instance_similarity: str | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
 
@@ -542,7 +542,9 @@ def register(
     The result's fields hold the whole transform (affine then deformable). ``progress``: called with one
     line per finished step (name and seconds), e.g. ``print`` to stderr.
     ``inverse``: also the inverse field, its inverse-consistency error in ``metrics`` and the fixed image
-    warped onto the moving grid.
+    warped onto the moving grid. ``instance_similarity``: ``"lncc"``, ``"mi"`` or ``"ngf"`` (+ 0.1 diffusion)
+    instead of the bundle's loss in instance optimisation (``"lncc"`` where the bundle's loss compares
+    intensities directly and the pair has two contrasts).
     """
     check_method(method)
     if int(instance_opt) < 0:
@@ -561,7 +563,9 @@ def register(
             "affine stage is off: its inputs differ from its training data",
             stacklevel=2,
         )
-    instance_loss = bundle_instance_loss(method, pair.spatial_dims, device) if instance_opt else None
+    instance_loss = (
+        bundle_instance_loss(method, pair.spatial_dims, device, instance_similarity) if instance_opt else None
+    )
     stages.done(f"load {method} network")
 
     if device.type == "cuda":
