@@ -188,6 +188,13 @@ if numba is not None:
         r10, r11 = z1 * shw + y0 * sw, z1 * shw + y1 * sw
         return r00, r01, r10, r11, x0, x1, wz0, wz1, wy0, wy1, wx0, wx1, dz0, dz1, dy0, dy1, dx0, dx1
 
+    @njit(inline="always", cache=True, fastmath=False)
+    def _row(row, td, th, bi_n, bp_n):
+        """Batch ``b``, depth ``k`` and row ``j`` of output row ``row``; the image's and the points' batch
+        index (a batch of one broadcasts)."""
+        b = row // (td * th)
+        return b, (row // th) % td, row % th, b if bi_n > 1 else 0, b if bp_n > 1 else 0
+
     # Channels come in chunks of up to 3 handled by straight-line code inside the voxel loop (shared weights):
     # a loop over channels there, or a run-time chunk size, stops LLVM from vectorising the voxel loop
     # (AVX-512 gathers): about 2x slower. The chunk size is the length of a tuple, fixed at compile time.
@@ -200,11 +207,7 @@ if numba is not None:
         nb, _, td, th, tw = oshape
         vs, vt = sd * sh * sw, td * th * tw
         for row in prange(nb * td * th):
-            b = row // (td * th)
-            k = (row // th) % td
-            j = row % th
-            bi = b if bi_n > 1 else 0
-            bp = b if bp_n > 1 else 0
+            b, k, j, bi, bp = _row(row, td, th, bi_n, bp_n)
             pbase = bp * nd * vt + (k * th + j) * tw
             ib = (bi * nc + c0) * vs
             ob = (b * nc + c0) * vt + (k * th + j) * tw
@@ -266,11 +269,7 @@ if numba is not None:
         nb, _, td, th, tw = oshape
         vs, vt = sd * sh * sw, td * th * tw
         for row in prange(nb * td * th):
-            b = row // (td * th)
-            k = (row // th) % td
-            j = row % th
-            bi = b if bi_n > 1 else 0
-            bp = b if bp_n > 1 else 0
+            b, k, j, bi, bp = _row(row, td, th, bi_n, bp_n)
             pbase = bp * nd * vt + (k * th + j) * tw
             gbase = b * nd * vt + (k * th + j) * tw
             obase = b * nc * vt + (k * th + j) * tw
