@@ -19,13 +19,13 @@ where it lies (``../shared/data`` or the user's Learn2Reg download); nothing is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from regnet_zoo.data.learn2reg import Learn2RegDataset
+from regnet_zoo.data.real_pairs import shared_data_dir
 from regnet_zoo.errors import RegistrationInputError
 
 __all__ = [
@@ -82,13 +82,6 @@ FREESURFER_NAMES = {
 class PreparedDataset(dict):
     """``dir`` (Learn2Reg folder or JSON), ``spatial_dims``, ``spacing`` / ``image_size`` (working grid),
     ``train_keys`` (pair keys the training loaders read), ``label_names``, ``split`` (a sentence)."""
-
-
-def shared_data_dir() -> Path:
-    """``../shared/data`` beside the project root (``REGNET_ZOO_SHARED_DATA`` overrides it)."""
-    from regnet_zoo import project_root
-
-    return Path(os.environ.get("REGNET_ZOO_SHARED_DATA", project_root().parent / "shared" / "data"))
 
 
 def _label_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
