@@ -194,7 +194,7 @@ def train_one(
     torch.manual_seed(args.seed)
     trainer = parser.get_parsed_content("train#trainer")
     network = parser.get_parsed_content("network")
-    budget = 60.0 * args.minutes_per_method
+    budget = 60.0 * args.minutes.get(method, args.minutes_per_method)
     start = time.perf_counter()
     losses: list[float] = []
     curve: list[list[float]] = []  # [iteration, seconds, mean loss of the last --log-every iterations]
@@ -269,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["all"], help=f"'all' or of {', '.join(METHODS)}")
     parser.add_argument("--dims", nargs="+", type=int, default=[3], choices=[2, 3])
     parser.add_argument("--minutes-per-method", type=float, default=6.0)
+    parser.add_argument(
+        "--minutes",
+        nargs="+",
+        default=[],
+        metavar="METHOD=MIN",
+        help="per-method wall-time budgets that replace --minutes-per-method (e.g. pwc=9 bspline_unet=6)",
+    )
     parser.add_argument("--max-iterations", type=int, default=0, help="0: no limit (time only)")
     parser.add_argument("--grid2d", nargs=2, type=int, default=list(WORKING_GRIDS[2]))
     parser.add_argument("--grid3d", nargs=3, type=int, default=list(WORKING_GRIDS[3]))
@@ -286,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep-going", action="store_true", help="go on after a method fails")
     args = parser.parse_args(argv)
+    try:
+        args.minutes = {k: float(v) for k, v in (item.split("=", 1) for item in args.minutes)}
+    except ValueError:
+        parser.error("--minutes takes METHOD=MINUTES items, e.g. pwc=9")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         # their first iteration take about 100 s on an H200 (a 48 s budget per method)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     methods = list(METHODS) if args.methods == ["all"] else args.methods
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in [*methods, *args.minutes] if m not in METHODS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
     caches: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}

@@ -257,10 +257,14 @@ def test_zoo_eval_demo_uses_the_weights_folder_and_writes_cards(made_weights, tm
     monkeypatch.setenv("REGNET_ZOO_HOME", str(tmp_path / "home"))
     out = tmp_path / "zoo_eval_2d"
     args = ["--demo", "--pairs", "head2d", "--methods", "discrete_corr", "--out", str(out), "--cards"]
-    assert zoo_eval.main(args) == 0
+    assert zoo_eval.main([*args, "--instance-opt", "0", "2"]) == 0
     result = json.loads(out.with_suffix(".json").read_text())
     rows = [r for r in result["rows"] if r["method"] == "discrete_corr" and r["dims"] == 2]
     assert rows and all(r["status"] == "ok" and 0 <= r["dice"] <= 1 for r in rows)
+    # instance optimisation uses the pair's own similarity: MI for the T1 <- PD head, LNCC otherwise
+    tuned = [r for r in rows if r["instance_opt"] == 2]
+    expected = {r["dataset"]: "mi" if r["dataset"] == "head2d" else "lncc" for r in tuned}
+    assert tuned and all(r["instance_similarity"] == expected[r["dataset"]] for r in tuned)
     assert rows[0]["weights"].endswith("discrete_corr_2d.pt")
     card = (made_weights.parent / "discrete_corr.md").read_text()
     assert "## Real pairs" in card and rows[0]["dataset"] in card

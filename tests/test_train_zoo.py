@@ -38,3 +38,19 @@ def test_train_zoo_writes_self_describing_weights(tmp_path):
     assert out["ddf"].shape == (1, 2, 32, 32) and torch.isfinite(out["ddf"]).all()
     with pytest.raises(SystemExit, match="--overwrite"):
         train_zoo.main(args)
+
+
+def test_per_method_minutes_replace_the_common_budget(tmp_path, capsys):
+    """``--minutes METHOD=MIN``: a zero budget stops after the first iteration although the common budget
+    and the iteration limit allow more; malformed or unknown items are refused."""
+    import train_zoo
+
+    args = ["--methods", "discrete_corr", "--dims", "2", "--grid2d", "32", "32", "--max-iterations", "50"]
+    args += ["--minutes-per-method", "5", "--minutes", "discrete_corr=0", "--threads", "1"]
+    args += ["--out", str(tmp_path)]
+    assert train_zoo.main(args) == 0
+    assert json.loads((tmp_path / "discrete_corr_2d.json").read_text())["trained_on"]["iterations"] == 1
+    for bad in ("discrete_corr", "nosuchmethod=3"):
+        with pytest.raises(SystemExit):
+            train_zoo.main([*args[:-2], "--minutes", bad, "--out", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()

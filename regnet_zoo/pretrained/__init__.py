@@ -236,9 +236,9 @@ def _evaluation_section(method: str, rows: list[Mapping[str, Any]], folder: Path
             f"**The network alone does not beat the affine stage on: {', '.join(losing)}.** Why, as far as "
             f"this evaluation shows: the weights saw only synthetic pairs ({trained or 'no record'}), far "
             "fewer than SynthMorph's hundreds of thousands of iterations, and every image is resampled to "
-            "that small working grid, so the predicted field is coarse at the images' own resolution. Use "
-            "the affine stage alone (`--affine affine` with these weights off), instance optimisation, or "
-            "weights trained on your own data for these pairs.",
+            "that small working grid, so the predicted field is coarse at the images' own resolution. For "
+            "such pairs add instance optimisation (`register --instance-opt 20`, its row above where "
+            "measured) or train the bundle on your own data (`regnet-zoo train`).",
             "",
         ]
     with_ref = [r for r in rows if r.get("vs_bspline") is not None]
