@@ -28,11 +28,12 @@ install-test: $(VENV)/.installed-test
 DEMO_OUT ?= results/demo
 
 # With shipped weights (regnet_zoo/pretrained, or $$REGNET_ZOO_PRETRAINED): every method's weights register the
-# real pairs of ../shared/data (read in place; built-in phantom pairs without it), no training step, beside the
-# affine stage alone and SimpleITK's affine. Without weights: the quick trained comparison on built-in phantoms.
+# real pairs of ../shared/data (read in place; built-in phantom pairs without it), no training step, alone and with
+# 20 instance-optimisation steps, beside the affine stage alone and SimpleITK's affine. Without weights: the quick
+# trained comparison on built-in phantoms.
 demo: $(VENV)/.installed
 	@if $(PY) -c "import sys; from regnet_zoo.pretrained import shipped_files; sys.exit(not shipped_files())"; then \
-		MPLBACKEND=Agg $(PY) benchmarks/zoo_eval.py --demo --sitk-affine --out $(DEMO_OUT)/zoo_demo; \
+		MPLBACKEND=Agg $(PY) benchmarks/zoo_eval.py --demo --sitk-affine --instance-opt 0 20 --out $(DEMO_OUT)/zoo_demo; \
 	else \
 		echo "no shipped weights: training and comparing on built-in phantoms"; \
 		MPLBACKEND=Agg $(PY) benchmarks/compare.py --dataset builtin --quick --out $(DEMO_OUT); \
