@@ -12,13 +12,14 @@
   files (what ``regnet-zoo register --instance-opt`` runs; needs SimpleITK);
 - ``classic``: SimpleITK B-spline and ANTs SyN (``regnet_zoo.baselines``) when importable.
 
-``--section all`` runs every section. No weights ship yet: networks are the bundles' ``network_def``,
-freshly initialised (seed 0, "untrained (random init)" in the tables) unless trained weights exist; times
-do not depend on the weights' values, Dice does. Without the OASIS pair a synthetic pair is used (said so in
-the output). ``--device cuda --amp`` runs the same sections on a GPU (bfloat16 autocast of the networks'
-forward passes; losses, instance optimisation and the core ops in float32; CUDA synchronised around every
-timer; memory = ``torch.cuda.max_memory_allocated``) and writes ``speed_gpu.json`` / ``.md``. Sections
-not run keep their earlier results in the JSON (each with its own environment and load average).
+``--section all`` runs every section. The networks carry the bundle's own trained weights, else the shipped
+ones ("shipped weights" in the tables), else are freshly initialised (seed 0, "untrained (random init)": the
+committed tables were measured before weights shipped); times do not depend on the weights' values, Dice does.
+Without the OASIS pair a synthetic pair is used (said so in the output). ``--device cuda --amp`` runs the same
+sections on a GPU (bfloat16 autocast of the networks' forward passes; losses, instance optimisation and the
+core ops in float32; CUDA synchronised around every timer; memory = ``torch.cuda.max_memory_allocated``) and
+writes ``speed_gpu.json`` / ``.md``. Sections not run keep their earlier results in the JSON (each with its
+own environment and load average).
 
 Core section: warp linear / nearest (border), ``compose_ddf``, scaling and squaring (7 steps);
 each as **ours-fast** (``core._fast`` numba kernels), **ours-reference** (the same functions with the fast
@@ -327,7 +328,10 @@ def bundle_network(method: str, device: torch.device, train: bool = False) -> tu
     weights = "untrained (random init)"
     try:
         network = load_bundle_weights(method, None, "cpu", spatial_dims=3)[0]
-        weights = "trained (bundle weights)"
+        from regnet_zoo.pretrained import default_weights, pretrained_dir
+
+        shipped = default_weights(method, 3).resolve().parent == pretrained_dir().resolve()
+        weights = "shipped weights" if shipped else "trained (bundle weights)"
     except (FileNotFoundError, RuntimeError, ValueError, KeyError):  # no (usable) weights: random init
         torch.manual_seed(0)
         network = bundle_parser(method, "train", spatial_dims=3).get_parsed_content("network_def")

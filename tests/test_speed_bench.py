@@ -15,7 +15,10 @@ import speed  # noqa: E402
 
 
 @pytest.mark.timeout(120)
-def test_sections_merge_into_existing_json(tmp_path):
+def test_sections_merge_into_existing_json(tmp_path, monkeypatch):
+    # no trained weights anywhere (an empty weights folder and bundle home): the networks are random init
+    monkeypatch.setenv("REGNET_ZOO_PRETRAINED", str(tmp_path / "no_weights"))
+    monkeypatch.setenv("REGNET_ZOO_HOME", str(tmp_path / "home"))
     out = tmp_path / "speed"
     keys = ("cpu", "torch", "torch_num_threads", "numba", "numba_threading_layer", "note", "memory")
     env = dict.fromkeys(keys, "x")
