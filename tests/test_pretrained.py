@@ -268,3 +268,22 @@ def test_zoo_eval_demo_uses_the_weights_folder_and_writes_cards(made_weights, tm
     assert rows[0]["weights"].endswith("discrete_corr_2d.pt")
     card = (made_weights.parent / "discrete_corr.md").read_text()
     assert "## Real pairs" in card and rows[0]["dataset"] in card
+
+
+def test_register_warns_when_the_small_budget_shipped_weights_run_alone(shipped, tmp_path, monkeypatch):
+    """The shipped weights alone often do worse than the affine stage: register says so, and how to do
+    better (instance optimisation); not with instance optimisation, nor with weights one passes."""
+    import warnings
+
+    from regnet_zoo.api import register
+
+    monkeypatch.setenv("REGNET_ZOO_HOME", str(tmp_path))
+    method, dims = _method_dims(shipped)
+    fixed, moving, _, _ = _pair(dims)
+    with pytest.warns(UserWarning, match=r"shipped weights .*--instance-opt 20"):
+        register(fixed, moving, method, affine=None)
+    for kwargs in ({"instance_opt": 2}, {"weights": shipped}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            register(fixed, moving, method, affine=None, **kwargs)
+        assert not [w for w in caught if "shipped weights" in str(w.message)], kwargs

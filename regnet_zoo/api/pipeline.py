@@ -355,6 +355,23 @@ def prepare_network(
     return network, bundle_preprocessing(method, pair.spatial_dims)
 
 
+def _warn_if_shipped(method: str, spatial_dims: int) -> None:
+    """The shipped weights are small-budget CPU weights: without instance optimisation most of them do worse
+    than the affine stage alone on real brains (``benchmarks/results/zoo_eval_3d.md``); say so."""
+    from regnet_zoo.pretrained import pretrained_dir
+
+    path = weights_path(method, None, spatial_dims).resolve()
+    if path.parent != pretrained_dir().resolve():
+        return
+    warnings.warn(
+        f"{method} uses the shipped weights {path.name}, trained for minutes on synthetic pairs only; alone "
+        "they often do worse than the affine stage (e.g. on brain MRI): add instance optimisation "
+        f"(instance_opt=20, `--instance-opt 20`) or train on your data (model card: "
+        f"{path.with_name(method)}.md)",
+        stacklevel=3,
+    )
+
+
 def moving_on_fixed_grid(fixed: MetaTensor, moving: MetaTensor) -> Tensor:
     """``moving`` ``(C, *S_m)`` resampled onto the fixed grid through physical space (linear, 0 outside);
     returned as is when it already lies on that grid."""
@@ -557,6 +574,8 @@ def register(
     pair = check_inputs(fixed, moving, fixed_label, moving_label, fixed_landmarks, moving_landmarks)
     stages.done("load inputs")
     network, prep = prepare_network(method, weights, device, pair)
+    if weights is None and not instance_opt:
+        _warn_if_shipped(method, pair.spatial_dims)
     if prep.pre_align is not None and affine is None:
         warnings.warn(
             f"the {method} network was trained on pre-aligned pairs (pre_align={prep.pre_align!r}) but the "
