@@ -32,6 +32,7 @@ import platform
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -333,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results/zoo_eval", help="writes <out>.json and <out>.md")
     args = parser.parse_args(argv)
+    # MONAI's DiffusionLoss indexes with lists (values are right); keep the demo's output readable
+    warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
     if args.threads:
         torch.set_num_threads(args.threads)
         try:
