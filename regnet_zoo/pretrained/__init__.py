@@ -126,6 +126,19 @@ def _row(name: str, value: Any) -> str:
     return f"| {name} | {value} |"
 
 
+#: what trial runs showed beyond a card's numbers (``benchmarks/train_zoo.py`` variants, 2D, 2026-11-26)
+TRAINING_NOTES: dict[str, str] = {
+    "ddrnet": "The budget may not be the only cause. In 2D the held-out Dice stayed at the identity's within "
+    "the 811 iterations, and the predicted fields stayed under half a voxel. Trials did not change that: "
+    "`dice_weight` 1000 for 6 minutes gave 0.418, the KL term off for 200 iterations gave 0.433, and "
+    "learning rate 0.003 for 200 iterations gave 0.427 (0.01 diverges). The Dice term's gradient does reach "
+    "every parameter. The B-spline U-Net learns from the same labels and loss in the same time, so the cause "
+    "is open.",
+    "pwc": "Its Dice-only synthetic loss stayed flat (about 2.7) over the 232 2D iterations: the budget "
+    "is far below what this network needs.",
+}
+
+
 def _training_section(method: str, dims: int, folder: Path) -> list[str]:
     record, weights = folder / f"{method}_{dims}d.json", folder / f"{method}_{dims}d.pt"
     if not record.is_file():
@@ -162,8 +175,9 @@ def _no_progress(val: Mapping[str, Any], trained: Mapping[str, Any]) -> list[str
     return [
         f"**Not (yet) better than no registration on held-out synthetic pairs ({before:.3f} -> "
         f"{after:.3f}):** {trained.get('iterations')} iterations in {trained.get('wall_time_s')} s "
-        "on one CPU thread are far too few for this network to learn; treat these weights as a "
-        "working starting point for fine-tuning or instance optimisation, not as a trained model.",
+        f"({trained.get('device')}, {trained.get('threads')} thread(s)) are far too few for this network to "
+        "learn; treat these weights as a working starting point for fine-tuning or instance optimisation, "
+        "not as a trained model.",
         "",
     ]
 
@@ -185,6 +199,8 @@ def model_card(method: str, folder: str | Path | None = None, evaluation: Mappin
     ]
     for dims in (2, 3):
         lines += _training_section(method, dims, folder)
+    if method in TRAINING_NOTES:
+        lines += ["## Training trials", "", TRAINING_NOTES[method], ""]
     rows = [r for r in (evaluation or {}).get("rows", []) if r.get("method") == method]
     if rows:
         lines += _evaluation_section(method, rows, folder)
