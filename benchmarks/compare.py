@@ -567,9 +567,16 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
     return ordered
 
 
+#: datasets read in place from ../shared/data: their reports stay in --out, never in the repository
+LOCAL_ONLY_DATASETS = ("prostate3d", "oasis3d")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.publish and args.dataset in LOCAL_ONLY_DATASETS:
+        parser.error(f"--publish: reports on {args.dataset} (../shared/data) stay in --out, not in the repo")
     if args.merge:
         rows = merge_reports(args.merge, args.out, argv)
         if args.publish:

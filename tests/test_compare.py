@@ -393,3 +393,14 @@ def test_sitk_affine_with_random_sampling_is_reproducible(one_sitk_thread):
     other = sitk_affine(fixed, moving, sampling=0.2, iterations=30, seed=5)
     assert torch.equal(first, second)
     assert not torch.equal(first, other)  # the seed reaches the sampler
+
+
+@pytest.mark.parametrize("dataset", ["prostate3d", "oasis3d"])
+def test_reports_on_shared_data_are_not_published_into_the_repository(dataset, tmp_path, capsys):
+    """Reports derived from ../shared/data stay in --out: --publish refuses them before any work."""
+    from compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", dataset, "--publish", "x", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "stay in --out" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
