@@ -129,14 +129,11 @@ def _row(name: str, value: Any) -> str:
 #: what trial runs showed beyond a card's numbers (``benchmarks/train_zoo.py`` variants, 2D, 2026-11-26)
 TRAINING_NOTES: dict[str, str] = {
     "ddrnet": "The budget may not be the only cause. In 2D the held-out Dice stayed at the identity's within "
-    "the 811 iterations, and the predicted fields stayed under half a voxel. Trials did not change that: "
-    "`dice_weight` 1000 for 6 minutes gave 0.418, the KL term off for 200 iterations gave 0.433, and "
-    "learning rate 0.003 for 200 iterations gave 0.427 (0.01 diverges). The Dice term's gradient does reach "
-    "every parameter. The B-spline U-Net learns from the same labels and loss in the same time. Adam on the "
-    "velocity itself, through this network's integration and warp and the same Dice, lowers one pair's Dice "
-    "loss from 0.59 to 0.36 in 60 steps. So the stall is in the network, not in the loss path. A first lead: "
-    "with the velocity head's mean initialised at std 1e-2 instead of VoxelMorph-diff's 1e-5, 200 iterations "
-    "moved off the identity (0.436).",
+    "the recorded iterations, with predicted fields under a voxel. Short trial runs (not committed) with a "
+    "larger `dice_weight`, with the KL term off and with a larger learning rate did not change that, while "
+    "Adam on the velocity itself, through this network's integration and warp and the same Dice, does lower "
+    "the Dice loss: the stall is in the network, not in the loss path. A lead to test: a larger initial "
+    "scale of the velocity head's mean than VoxelMorph-diff's std 1e-5.",
     "pwc": "Its Dice-only synthetic loss stayed flat (about 2.7) over the 232 2D iterations: the budget "
     "is far below what this network needs.",
 }
