@@ -93,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(lncc for a pair of two contrasts where the bundle's loss compares intensities, e.g. DDR-Net's MSE)",
     )
     reg.add_argument(
+        "--instance-grid",
+        choices=("input", "network"),
+        default="input",
+        help="where instance optimisation runs when the weights work on a resampled grid (the shipped 3D "
+        "ones: 48^3): input (default) refines the field on the fixed image's own grid (with "
+        "--instance-similarity, default lncc); network: the network's parameters on its grid (faster, "
+        "coarser)",
+    )
+    reg.add_argument(
         "--affine",
         choices=("affine", "rigid", "none"),
         default="affine",
@@ -248,6 +257,7 @@ def _register(args: argparse.Namespace) -> int:
         device=args.device,
         instance_opt=args.instance_opt,
         instance_similarity=args.instance_similarity,
+        instance_grid=args.instance_grid,
         inverse=args.inverse,
         affine=None if args.affine == "none" else args.affine,
         affine_options={"similarity": args.similarity} if args.similarity else None,

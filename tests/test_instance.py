@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from regnet_zoo.api.instance import instance_optimise, instance_schedule, unsupervised_instance_loss
+from regnet_zoo.core.losses import lncc_loss
 from regnet_zoo.core.metrics import dice_per_label
-from regnet_zoo.core.spatial import warp_labels
+from regnet_zoo.core.spatial import warp_image, warp_labels
 from regnet_zoo.data.phantom import PhantomTemplate, make_phantom_subject
 from regnet_zoo.networks.ddrnet import DDRNet
 from regnet_zoo.networks.pwc import PWCRegistrationPyramid
@@ -81,3 +82,41 @@ def test_instance_similarity_replaces_a_same_contrast_bundle_loss(pair):
     assert dice["lncc"] > start + 0.1, (start, dice)
     with pytest.raises(RegistrationInputError):
         image_instance_loss("ssd")
+
+
+def test_refinement_on_the_input_grid_beats_the_working_grid_alone(pair):
+    """Weights trained at a coarser image_size (as the shipped 3D ones): ``instance_grid="input"`` adds as
+    many steps on the fixed grid after those on the network's parameters; the image loss there is lower,
+    Dice no worse, and under 1 % of the field folds."""
+    from monai.data import MetaTensor
+
+    from regnet_zoo.api.instance import image_instance_loss, refines_on_input_grid
+    from regnet_zoo.api.pipeline import predict_ddf
+    from regnet_zoo.core.metrics import jacobian_determinant
+    from regnet_zoo.data.preprocess import Preprocessing
+    from regnet_zoo.errors import RegistrationInputError
+
+    assert refines_on_input_grid((32, 32), (64, 64), "input")
+    assert not refines_on_input_grid((64, 64), (64, 64), "input")  # the network works on the input grid
+    assert not refines_on_input_grid(None, (64, 64), "input")
+    assert not refines_on_input_grid((32, 32), (64, 64), "network")
+    with pytest.raises(RegistrationInputError, match="instance grid"):
+        refines_on_input_grid((32, 32), (64, 64), "fixed")
+
+    torch.manual_seed(0)
+    network = DDRNet(spatial_dims=2).eval()
+    prep = Preprocessing(image_size=(32, 32))
+    fixed, moving = (MetaTensor(pair[k][0], affine=torch.eye(4)) for k in ("fixed", "moving"))
+    loss = (image_instance_loss("lncc"), 0.1)
+    results = {}
+    for grid in ("network", "input"):
+        ddf = predict_ddf(network, prep, fixed, moving, torch.device("cpu"), 20, loss, instance_grid=grid)
+        warped = warp_image(pair["moving"] / pair["moving"].max(), ddf[None])
+        fixed_n = pair["fixed"] / pair["fixed"].max()
+        lncc = float(lncc_loss(warped, fixed_n))
+        _, dice = _scores({"warped": warped, "ddf": ddf[None]}, pair)
+        folded = float((jacobian_determinant(ddf[None]) <= 0).float().mean())
+        results[grid] = (lncc, dice, folded)
+    assert results["input"][0] < results["network"][0] - 0.01, results
+    assert results["input"][1] >= results["network"][1] - 0.01, results
+    assert results["input"][2] < 0.01, results  # Adam with a box-filtered gradient: under 1 % folded

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from regnet_zoo.core.filters import box_mean
 from regnet_zoo.core.losses import diffusion_loss, lncc_loss, mutual_information_loss, ngf_loss
 from regnet_zoo.core.pyramid import downsample_ddf_to_level, pool_to_grid, upsample_ddf_from_level
 from regnet_zoo.core.spatial import warp_image
@@ -22,6 +23,9 @@ __all__ = [
     "instance_optimise",
     "instance_schedule",
     "bundle_instance_loss",
+    "INSTANCE_GRIDS",
+    "DenseDisplacement",
+    "refines_on_input_grid",
 ]
 
 #: Adam step size of instance optimisation (unless the bundle's train config sets ``instance_opt_lr``);
@@ -57,6 +61,57 @@ def image_instance_loss(similarity: str = "lncc", smoothness: float = 0.1):
 #: fallback objective of instance optimisation for methods whose training loss needs supervision (RegNet's
 #: needs the ground-truth field): ``LNCC(warped, fixed) + 0.1 * diffusion(ddf)``
 unsupervised_instance_loss = image_instance_loss("lncc")
+
+
+#: where ``register`` runs instance optimisation: ``"input"`` (default) on the fixed image's own grid when the
+#: network works on a resampled grid (weights trained at a fixed ``image_size``: the shipped 3D ones work at
+#: 48^3), else on the network's transform parameters; ``"network"`` always on the network's parameters
+INSTANCE_GRIDS = ("input", "network")
+
+
+def refines_on_input_grid(image_size: Sequence[int] | None, input_shape: Sequence[int], grid: str) -> bool:
+    """Whether instance optimisation runs on the input grid: ``grid == "input"`` and the network's working
+    grid ``image_size`` (None: the input's own) differs from ``input_shape``."""
+    if grid not in INSTANCE_GRIDS:
+        raise RegistrationInputError(f"instance grid must be one of {INSTANCE_GRIDS}, got {grid!r}")
+    return grid == "input" and image_size is not None and tuple(image_size) != tuple(input_shape)
+
+
+class _SmoothGradient(torch.autograd.Function):
+    """Identity forward; the backward box-filters the gradient (:func:`box_mean`, side ``k``, ``passes``)."""
+
+    @staticmethod
+    def forward(ctx, x, k, passes):
+        ctx.k, ctx.passes = k, passes
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        for _ in range(ctx.passes):
+            grad = box_mean(grad, ctx.k)
+        return grad, None, None
+
+
+class DenseDisplacement(nn.Module):
+    """Transform parameters that are a voxel DDF ``(B, N, *S)`` on any grid: what :func:`instance_optimise`
+    refines when a network's own parameters live on a coarser grid than the images'. Its gradient is
+    box-filtered (side ``smoothing``, ``passes`` times) so that Adam's per-voxel steps move neighbours
+    together instead of folding the field; the start (e.g. the network's resized field) is kept exactly.
+    ``outputs``: ``{"ddf", "warped"}``.
+    """
+
+    def __init__(self, smoothing: int = 5, passes: int = 2):
+        super().__init__()
+        self.smoothing, self.passes = int(smoothing), int(passes)
+
+    def transform_parameters(self, outputs: dict[str, Tensor]) -> Tensor:
+        return outputs["ddf"]
+
+    def outputs_from_parameters(self, params: Tensor, fixed: Tensor, moving: Tensor) -> dict[str, Tensor]:
+        ddf = params
+        if params.requires_grad and self.smoothing > 1 and self.passes > 0:
+            ddf = _SmoothGradient.apply(params, self.smoothing, self.passes)
+        return {"ddf": ddf, "warped": warp_image(moving, ddf)}
 
 
 def instance_optimise(

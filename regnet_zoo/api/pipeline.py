@@ -11,8 +11,9 @@ The steps (the same as ``regnet-zoo register``):
    seen through ``T`` (:func:`pre_aligned`: its affine becomes ``T^-1 A_m``);
 4. :func:`predict_ddf`: the one preprocessing path (:mod:`regnet_zoo.data.preprocess`: normalisation on the
    native grids, the moving image brought onto the fixed grid through physical space, resampling to the
-   working grid, padding), the network, optional instance optimisation (``instance_opt`` Adam steps on the
-   bundle's own loss), the field cropped and rescaled back to the fixed grid;
+   working grid, padding), the network, the field cropped and rescaled back to the fixed grid, optional
+   instance optimisation (``instance_opt`` Adam steps, coarse to fine: on the network's own parameters with
+   the bundle's loss, or, when the network works on a resampled grid, on the field on the fixed grid);
 5. :func:`total_ddf` composes affine then deformable into one field on the fixed grid,
    ``A_f^-1 T A_f (x + d(x)) - x``, and :func:`warp_and_evaluate` warps the *original* moving image (and
    label) with one interpolation of ``fixed voxel x -> moving voxel A_m^-1 A_f (x + ddf(x))`` (exactly what
@@ -41,7 +42,12 @@ from torch import Tensor, nn
 from regnet_zoo.api.evaluation import label_metrics
 from regnet_zoo.api.fields import ddf_to_itk, warp_physical
 from regnet_zoo.api.inputs import ImageLike, PointsLike, as_image, as_label, as_points
-from regnet_zoo.api.instance import bundle_instance_loss, instance_optimise
+from regnet_zoo.api.instance import (
+    DenseDisplacement,
+    bundle_instance_loss,
+    instance_optimise,
+    refines_on_input_grid,
+)
 from regnet_zoo.api.methods import (
     bundle_preprocessing,
     cached_network,
@@ -390,17 +396,27 @@ def predict_ddf(
     instance_opt: int = 0,
     instance_loss=None,
     inverse: bool = False,
+    instance_grid: str = "input",
+    refine_loss=None,
 ) -> Tensor | tuple[Tensor, Tensor, str]:
-    """The network's voxel DDF ``(N, *S)`` on the fixed grid for a (pre-aligned) pair; ``instance_loss``:
-    ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps. With ``inverse``: ``(ddf, inverse ddf, how)``
-    (:func:`regnet_zoo.api.outputs.inverse_from_outputs`)."""
+    """The network's voxel DDF ``(N, *S)`` on the fixed grid for a (pre-aligned) pair.
+
+    ``instance_loss``: ``(loss_fn, lr)`` for ``instance_opt`` > 0 steps on the network's parameters on its
+    working grid; where ``instance_grid`` says so (:func:`regnet_zoo.api.instance.refines_on_input_grid`)
+    as many steps follow on the fixed grid, refining the resized field as a smoothed DDF
+    (:class:`~regnet_zoo.api.instance.DenseDisplacement`) with ``refine_loss`` (default ``instance_loss``;
+    it must need only ``ddf`` / ``warped``: an image similarity). With ``inverse``: ``(ddf, inverse ddf,
+    how)`` (:func:`regnet_zoo.api.outputs.inverse_from_outputs`)."""
     fixed_shape = tuple(fixed.shape[1:])
+    on_input = bool(instance_opt) and refines_on_input_grid(prep.size_for(len(fixed_shape)), fixed_shape,
+                                                             instance_grid)  # fmt: skip
     fixed_n = normalise_intensity(fixed, prep.normalize, prep.percentiles, prep.ct_window).to(device)
     moving_n = MetaTensor(
         normalise_intensity(moving, prep.normalize, prep.percentiles, prep.ct_window).to(device),
         affine=moving.affine,
     )
-    fixed_p, moving_p, crop = network_inputs(fixed_n, moving_on_fixed_grid(fixed, moving_n), prep)
+    moving_f = moving_on_fixed_grid(fixed, moving_n)
+    fixed_p, moving_p, crop = network_inputs(fixed_n, moving_f, prep)
     with torch.inference_mode():  # no autograd bookkeeping (instance optimisation clones what it adjusts)
         outputs = network(fixed_p, moving_p)
     if instance_opt:
@@ -410,6 +426,11 @@ def predict_ddf(
     ddf = outputs["ddf"][crop].detach().float()
     if tuple(ddf.shape[2:]) != fixed_shape:  # from the working grid (corner-aligned) to the fixed grid
         ddf = resize_ddf(ddf, fixed_shape)
+    if on_input:  # the working grid cannot hold finer detail: refine the field itself on the fixed grid
+        loss_fn, lr = refine_loss or instance_loss
+        with torch.enable_grad():
+            ddf = instance_optimise(DenseDisplacement(), loss_fn, {"ddf": ddf}, fixed_n[None].float(),
+                                    moving_f[None].float(), int(instance_opt), lr)["ddf"]  # fmt: skip
     if inverse:
         from regnet_zoo.api.outputs import inverse_from_outputs
 
@@ -546,6 +567,7 @@ def register(
     progress: Callable[[str], None] | None = None,
     inverse: bool = False,
     instance_similarity: str | None = None,
+    instance_grid: str = "input",
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed`` with a trained method; see the module docstring for the steps.
 
@@ -561,7 +583,11 @@ def register(
     ``inverse``: also the inverse field, its inverse-consistency error in ``metrics`` and the fixed image
     warped onto the moving grid. ``instance_similarity``: ``"lncc"``, ``"mi"`` or ``"ngf"`` (+ 0.1 diffusion)
     instead of the bundle's loss in instance optimisation (``"lncc"`` where the bundle's loss compares
-    intensities directly and the pair has two contrasts).
+    intensities directly and the pair has two contrasts). ``instance_grid``: ``"input"`` (default): when the
+    network works on a resampled grid (weights trained at a fixed ``image_size``, such as the shipped 3D ones
+    at 48^3), the ``instance_opt`` steps on its parameters there are followed by as many on the fixed image's
+    own grid, refining the resized field as a smoothed DDF with ``instance_similarity`` (default LNCC) + 0.1
+    diffusion; ``"network"``: the network's parameters only (faster, coarser).
     """
     check_method(method)
     if int(instance_opt) < 0:
@@ -582,9 +608,13 @@ def register(
             "affine stage is off: its inputs differ from its training data",
             stacklevel=2,
         )
-    instance_loss = (
-        bundle_instance_loss(method, pair.spatial_dims, device, instance_similarity) if instance_opt else None
-    )
+    on_input = refines_on_input_grid(prep.size_for(pair.spatial_dims), pair.fixed.shape[1:], instance_grid)
+    instance_loss = refine_loss = None
+    if instance_opt:
+        instance_loss = bundle_instance_loss(method, pair.spatial_dims, device, instance_similarity)
+        if on_input:  # a plain DDF there: the bundle's loss may need the network's own outputs
+            similarity = instance_similarity or "lncc"
+            refine_loss = bundle_instance_loss(method, pair.spatial_dims, device, similarity)
     stages.done(f"load {method} network")
 
     if device.type == "cuda":
@@ -596,10 +626,12 @@ def register(
         stages.done(f"{affine} pre-alignment")
     moving = pre_aligned(pair.moving, matrix)
     predicted = predict_ddf(
-        network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss, inverse
+        network, prep, pair.fixed, moving, device, int(instance_opt), instance_loss, inverse, instance_grid,
+        refine_loss,
     )
     deformable, inverse_ddf, inverse_method = predicted if inverse else (predicted, None, None)
-    extra = f" + {instance_opt} instance-optimisation steps" if instance_opt else ""
+    where = f" + {instance_opt} on the input grid" if on_input else ""
+    extra = f" + {instance_opt} instance-optimisation steps{where}" if instance_opt else ""
     stages.done(f"{method} network{extra}")
     ddf = total_ddf(deformable, matrix, affine_of(pair.fixed))
     warped, warped_label, metrics = warp_and_evaluate(pair, ddf)

@@ -40,7 +40,7 @@ try:  # optional: without numba every call falls back to plain torch
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-__all__ = ["available", "applies", "sample", "integrate", "disabled"]
+__all__ = ["available", "applies", "sample", "integrate", "disabled", "box_sum"]
 
 _ENV = "REGNET_ZOO_FAST"
 _MAX_PARTS = 16  # slabs (private scatter buffers) per batch element in the backward pass
@@ -407,6 +407,49 @@ if numba is not None:
                 gimg[dst : dst + unit] += buf[src : src + unit]
 
 
+    @_pjit
+    def _box_strided(src, dst, outer, n, inner, r, block):
+        """Zero-padded window sums of width ``2r + 1`` along the middle axis of flat ``(outer, n, inner)``
+        arrays, ``inner > 1``: a running sum per column, float64 accumulators, ``block`` columns per task."""
+        nblk = (inner + block - 1) // block
+        for task in prange(outer * nblk):
+            o, c0 = task // nblk, (task % nblk) * block
+            w = min(block, inner - c0)
+            acc = np.zeros(w, np.float64)
+            base = o * n * inner + c0
+            for i in range(min(r, n)):
+                row = base + i * inner
+                for c in range(w):
+                    acc[c] += src[row + c]
+            for i in range(n):
+                if i + r < n:
+                    row = base + (i + r) * inner
+                    for c in range(w):
+                        acc[c] += src[row + c]
+                if i - r - 1 >= 0:
+                    row = base + (i - r - 1) * inner
+                    for c in range(w):
+                        acc[c] -= src[row + c]
+                row = base + i * inner
+                for c in range(w):
+                    dst[row + c] = acc[c]
+
+    @_pjit
+    def _box_last(src, dst, lines, n, r):
+        """As ``_box_strided`` along the contiguous (last) axis of flat ``(lines, n)`` arrays."""
+        for line in prange(lines):
+            base = line * n
+            acc = 0.0
+            for i in range(min(r, n)):
+                acc += src[base + i]
+            for i in range(n):
+                if i + r < n:
+                    acc += src[base + i + r]
+                if i - r - 1 >= 0:
+                    acc -= src[base + i - r - 1]
+                dst[base + i] = acc
+
+
 def _shape5(shape) -> tuple[int, int, int, int, int]:
     """``(B, C, D, H, W)`` of a 2D ``(B, C, H, W)`` (depth 1) or 3D shape."""
     return tuple(shape) if len(shape) == 5 else (shape[0], shape[1], 1, shape[2], shape[3])
@@ -579,3 +622,27 @@ def integrate(svf: Tensor, steps: int) -> Tensor:
         spare = _Call(field, field, True, True, False, False).forward(spare)
         field, spare = spare, field
     return field
+
+
+def box_sum(x: Tensor, kernel_size: int, dims: int) -> Tensor:
+    """Sums of ``x`` ``(..., *S)`` over a cube of side ``kernel_size`` (odd) around each voxel of the last
+    ``dims`` axes, zeros outside (what ``monai.networks.layers.separable_filtering`` gives with a rectangular
+    kernel): one running-sum pass per axis, float64 accumulators. No autograd (the LNCC loss's own backward
+    uses it as the adjoint: the filter is symmetric). CPU float32 / float64 where :func:`available`."""
+    r = kernel_size // 2
+    src = x.detach().contiguous()
+    shape, spare = src.shape, None
+    with _LOCK:
+        _threads()
+        for axis in range(src.ndim - dims, src.ndim):
+            dst = spare if spare is not None else torch.empty_like(src)
+            n = shape[axis]
+            inner = int(np.prod(shape[axis + 1 :], dtype=np.int64))
+            outer = src.numel() // (n * inner)
+            if inner == 1:
+                _box_last(_flat(src), _flat(dst), outer, n, r)
+            else:
+                _box_strided(_flat(src), _flat(dst), outer, n, inner, r, min(inner, 1024))
+            spare = src if axis > src.ndim - dims else None  # never write into the input
+            src = dst
+    return src

@@ -22,6 +22,7 @@ from monai.losses import (
 )
 from torch import Tensor, nn
 
+from regnet_zoo.core import _fast
 from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.errors import RegistrationInputError
 
@@ -127,10 +128,61 @@ def lncc_loss(a: Tensor, b: Tensor, kernel_size: int = 9) -> Tensor:
     """Negative local *squared* NCC as in VoxelMorph (MONAI ``LocalNormalizedCrossCorrelationLoss``).
 
     Lower is better; optimum -1. a, b: ``(B, C, *S)``; ``kernel_size`` (odd) is the rectangular window side.
+    On CPU (numba) the window sums are running sums and the backward is analytic (:class:`_LNCCFunction`):
+    same value and gradients as MONAI's, about 10x faster at 160x192x224 (``benchmarks/speed.py``);
+    elsewhere MONAI's loss runs.
     """
     spatial_dims = _check_pair(a, b, "lncc_loss")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"lncc_loss: kernel_size must be odd, got {kernel_size}")
+    if _fast.applies(a, b) and b.dtype == a.dtype:
+        return _LNCCFunction.apply(a, b, int(kernel_size), spatial_dims)
     loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, kernel_size=kernel_size)
     return loss(a, b)
+
+
+class _LNCCFunction(torch.autograd.Function):
+    """MONAI's LNCC (``pred`` = a, ``target`` = b; denominators clamped at 1e-5) with window sums from
+    :func:`regnet_zoo.core._fast.box_sum` and its gradient in closed form: the box filter is symmetric, so the
+    adjoint of each window sum is the same window sum of the per-voxel derivative."""
+
+    DR = 1e-5  # MONAI's smooth_dr: the variances are clamped at this value
+
+    @staticmethod
+    def forward(ctx, a, b, kernel_size, dims):
+        a, b = a.detach().contiguous(), b.detach().contiguous()
+        sums = _fast.box_sum(torch.stack([a, b, a * a, b * b, a * b]), kernel_size, dims)
+        s_a, s_b, s_aa, s_bb, s_ab = sums.unbind(0)
+        vol = float(kernel_size**dims)
+        cross = s_ab - s_a * s_b / vol
+        var_a, var_b = s_aa - s_a * s_a / vol, s_bb - s_b * s_b / vol
+        # where the clamp passes gradients
+        free_a, free_b = var_a > _LNCCFunction.DR, var_b > _LNCCFunction.DR
+        var_a, var_b = var_a.clamp_min(_LNCCFunction.DR), var_b.clamp_min(_LNCCFunction.DR)
+        ncc = cross * cross / (var_a * var_b)
+        ctx.save_for_backward(a, b, s_a, s_b, cross, var_a, var_b, free_a, free_b)
+        ctx.dims, ctx.kernel_size, ctx.vol = dims, kernel_size, vol
+        return -ncc.mean()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        a, b, s_a, s_b, cross, var_a, var_b, free_a, free_b = ctx.saved_tensors
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = -grad_out / a.numel()  # d loss / d ncc at every voxel
+        q = w * 2 * cross / (var_a * var_b)  # d loss / d s_ab
+        r = w * cross * cross / (var_a * var_b)  # ncc * w: d loss / d var = -r / var
+        grads = []
+        for need, x, y, s_x, s_y, var_x, free_x in ((need_a, a, b, s_a, s_b, var_a, free_a),
+                                                    (need_b, b, a, s_b, s_a, var_b, free_b)):  # fmt: skip
+            if not need:
+                grads.append(None)
+                continue
+            g_xx = torch.where(free_x, -r / var_x, 0.0)  # d loss / d s_xx
+            g_x = -q * s_y / ctx.vol - 2 * g_xx * s_x / ctx.vol  # d loss / d s_x
+            back = _fast.box_sum(torch.stack([g_x, g_xx, q]), ctx.kernel_size, ctx.dims)
+            grads.append(back[0] + 2 * x * back[1] + y * back[2])
+        return grads[0], grads[1], None, None
 
 
 def _central_gradient(x: Tensor) -> Tensor:
