@@ -115,6 +115,7 @@ def evaluate_pair(
     sitk_affine: bool = False,
     affine_metric: str | None = None,
     instance_similarity: str = "pair",
+    instance_grid: str = "network",
 ) -> list[dict[str, Any]]:
     device = torch.device("cpu")
     pair = check_inputs(**spec.inputs())
@@ -157,13 +158,15 @@ def evaluate_pair(
 
                 loss = bundle_instance_loss(method, pair.spatial_dims, device, io_similarity)
             t = time.perf_counter()
-            ddf = predict_ddf(network, prep, pair.fixed, moving, device, steps, loss)
+            ddf = predict_ddf(network, prep, pair.fixed, moving, device, steps, loss,
+                              instance_grid=instance_grid)
             network_s = time.perf_counter() - t
             _, _, metrics = warp_and_evaluate(pair, total_ddf(ddf, matrix, affine_of(pair.fixed)))
             row = {**shared, "method": method, "status": "ok", "weights": _shown(weights)}
             row.update(
                 instance_opt=steps,
                 instance_similarity=(io_similarity or "bundle") if steps else None,
+                instance_grid=instance_grid if steps else None,
                 dice=metrics.get("dice_mean"),
                 tre=metrics.get("tre_mm"),
                 sdlogj=metrics.get("sdlogj"),
@@ -320,6 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         help="instance optimisation's objective: 'pair' (default): the pair's own similarity (MI across "
         "modalities, else LNCC) + 0.1 diffusion; 'bundle': the bundle's training loss (image terms)",
     )
+    parser.add_argument(
+        "--instance-grid",
+        choices=("network", "input"),
+        default="network",
+        help="where instance optimisation runs (register's instance_grid): 'network' (default; the committed "
+        "zoo_eval_2d/3d runs): the network's parameters on its working grid; 'input': then as many steps on "
+        "the fixed image's own grid (register's default)",
+    )
     parser.add_argument("--sitk-affine", action="store_true", help="add SimpleITK's affine per pair")
     parser.add_argument("--bspline", action="store_true", help="add SimpleITK's B-spline FFD per pair")
     parser.add_argument("--cards", action="store_true", help="rewrite the model cards with the results")
@@ -364,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             args.sitk_affine,
             args.affine_metric,
             args.instance_similarity,
+            args.instance_grid,
         )
     summary = summarise(rows)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])

@@ -128,9 +128,9 @@ def lncc_loss(a: Tensor, b: Tensor, kernel_size: int = 9) -> Tensor:
     """Negative local *squared* NCC as in VoxelMorph (MONAI ``LocalNormalizedCrossCorrelationLoss``).
 
     Lower is better; optimum -1. a, b: ``(B, C, *S)``; ``kernel_size`` (odd) is the rectangular window side.
-    On CPU (numba) the window sums are running sums and the backward is analytic (:class:`_LNCCFunction`):
-    same value and gradients as MONAI's, about 10x faster at 160x192x224 (``benchmarks/speed.py``);
-    elsewhere MONAI's loss runs.
+    On CPU (numba) the window sums are running sums (a constant cost per voxel and axis, where a convolution
+    costs ``kernel_size``) and the backward is in closed form (:class:`_LNCCFunction`): MONAI's value and
+    gradients (``tests/test_core_filters.py``); elsewhere MONAI's loss runs.
     """
     spatial_dims = _check_pair(a, b, "lncc_loss")
     if kernel_size % 2 == 0:
