@@ -352,3 +352,19 @@ def test_warped_label_dice_loss_of_a_voxel_shift(spatial_dims):
     zeros = torch.zeros(1, 1, *shape, dtype=torch.long)
     assert losses.warped_label_dice_loss(ddf[:1], zeros, zeros, include_background=False) is None
     assert losses.warped_label_dice_loss(ddf[:1], zeros, zeros).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 8, 9), (1, 2, 12, 5)])
+def test_diffusion_loss_equals_monai_value_and_gradient(shape):
+    from monai.losses import DiffusionLoss
+
+    from regnet_zoo.core.losses import diffusion_loss
+
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    ours, ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    loss, expected = diffusion_loss(ours), DiffusionLoss()(ref)
+    (3.0 * loss).backward()
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ours.grad, ref.grad, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(diffusion_loss, (x[:1, :, :5, :6].clone().requires_grad_(True),))

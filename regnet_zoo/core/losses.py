@@ -283,10 +283,51 @@ def diffusion_loss(ddf: Tensor) -> Tensor:
     """Mean squared first derivative ``mean_{b, c, x} sum_i (d u_c / d x_i)^2`` (MONAI ``DiffusionLoss``).
 
     Central differences on the interior; ddf ``(B, N, *S)`` with every size > 2. Lower is better, 0 for a
-    translation.
+    translation. The backward is written out (:class:`_DiffusionFunction`, MONAI's value and gradient:
+    ``tests/test_core_filters.py``): autograd's slice backward filled a whole-grid tensor per difference.
     """
     _check_field(ddf, "diffusion_loss", min_size=3)
-    return DiffusionLoss()(ddf)
+    if ddf.layout != torch.strided or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return DiffusionLoss()(ddf)
+    return _DiffusionFunction.apply(ddf)
+
+
+def _difference_slices(ndim: int, axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
+    """Slices of ``x[i + 1]`` and ``x[i - 1]`` along ``axis`` over the interior of every spatial axis."""
+    inner = [slice(None), slice(None)] + [slice(1, -1)] * (ndim - 2)
+    plus, minus = list(inner), list(inner)
+    plus[axis], minus[axis] = slice(2, None), slice(None, -2)
+    return tuple(plus), tuple(minus)
+
+
+class _DiffusionFunction(torch.autograd.Function):
+    """MONAI's ``DiffusionLoss`` (mean reduction): ``sum_i mean((x[+1_i] - x[-1_i])^2 / 4)`` over the
+    interior; the gradient of term ``i`` is ``+-g_i / count`` at the two shifted copies."""
+
+    @staticmethod
+    def forward(ctx, x):
+        total = x.new_zeros(())
+        for axis in range(2, x.ndim):
+            plus, minus = _difference_slices(x.ndim, axis)
+            g = (x[plus] - x[minus]) * 0.5
+            total = total + (g * g).sum()
+            count = g.numel()
+        ctx.save_for_backward(x)
+        ctx.count = count
+        return total / count
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        grad = torch.zeros_like(x)
+        scale = grad_out / ctx.count
+        for axis in range(2, x.ndim):
+            plus, minus = _difference_slices(x.ndim, axis)
+            g = (x[plus] - x[minus]) * (0.5 * scale)  # d(g^2)/dx[+1] = 2 g * 1/2
+            grad[plus] += g
+            grad[minus] -= g
+        return grad
 
 
 def bending_energy(ddf: Tensor) -> Tensor:
