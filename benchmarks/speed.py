@@ -21,7 +21,9 @@ core ops in float32; CUDA synchronised around every timer; memory = ``torch.cuda
 writes ``speed_gpu.json`` / ``.md``. Sections not run keep their earlier results in the JSON (each with its
 own environment and load average).
 
-Core section: warp linear / nearest (border), ``compose_ddf``, scaling and squaring (7 steps);
+Core section: warp linear / nearest (border), ``compose_ddf``, scaling and squaring (7 steps), and the two
+losses of an instance-optimisation step (``lncc_loss``, window 9, image vs the field's first channel, against
+MONAI's ``LocalNormalizedCrossCorrelationLoss``; ``diffusion_loss`` against MONAI's ``DiffusionLoss``);
 each as **ours-fast** (``core._fast`` numba kernels), **ours-reference** (the same functions with the fast
 path off: ``grid_sample`` on a normalised grid) and **MONAI** (``monai.networks.blocks.Warp`` /
 ``DVF2DDF`` called as a user calls them; composition as ``b + Warp()(a, b)``), all with border padding;
@@ -123,7 +125,10 @@ class PeakRSS:
 
 def core_ops(device: torch.device):
     """``{op: {impl: fn(image, field, field2) -> Tensor}}`` for the core section."""
+    from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
     from monai.networks.blocks import DVF2DDF, Warp
+
+    from regnet_zoo.core.losses import diffusion_loss, lncc_loss
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -141,11 +146,19 @@ def core_ops(device: torch.device):
     warp_near = lambda im, d, d2: warp_image(im, d, "nearest")  # noqa: E731
     compose = lambda im, d, d2: compose_ddf(d, d2)  # noqa: E731
     ss = lambda im, d, d2: scaling_and_squaring(d, STEPS)  # noqa: E731
+    lncc = lambda im, d, d2: lncc_loss(im, d[:, :1])  # noqa: E731
+    diffusion = lambda im, d, d2: diffusion_loss(d)  # noqa: E731
+    m_lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=9)
+    m_diff = lambda im, d, d2: DiffusionLoss()(d)  # noqa: E731
     return {
         "warp_linear": {"fast": warp_lin, "reference": ref(warp_lin), "monai": lambda im, d, _: m_lin(im, d)},
         "warp_nearest": {"fast": warp_near, "reference": ref(warp_near), "monai": lambda i, d, _: m_nn(i, d)},
         "compose": {"fast": compose, "reference": ref(compose), "monai": lambda _, d, d2: d2 + m_lin(d, d2)},
         "scaling_squaring_7": {"fast": ss, "reference": ref(ss), "monai": lambda _, d, d2: m_ss(d)},
+        # the losses of an instance-optimisation step (image vs the field's first channel as a second image);
+        # "reference" is what runs without the fast path: MONAI's LNCC, and MONAI's DiffusionLoss
+        "lncc_9": {"fast": lncc, "reference": ref(lncc), "monai": lambda im, d, _: m_lncc(im, d[:, :1])},
+        "diffusion": {"fast": diffusion, "reference": m_diff, "monai": m_diff},
     }
 
 

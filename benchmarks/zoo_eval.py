@@ -115,7 +115,7 @@ def evaluate_pair(
     sitk_affine: bool = False,
     affine_metric: str | None = None,
     instance_similarity: str = "pair",
-    instance_grid: str = "network",
+    instance_grid: str = "input",
 ) -> list[dict[str, Any]]:
     device = torch.device("cpu")
     pair = check_inputs(**spec.inputs())
@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--instance-grid",
-        choices=("network", "input"),
-        default="network",
-        help="where instance optimisation runs (register's instance_grid): 'network' (default; the committed "
-        "zoo_eval_2d/3d runs): the network's parameters on its working grid; 'input': then as many steps on "
-        "the fixed image's own grid (register's default)",
+        choices=("input", "network"),
+        default="input",
+        help="where instance optimisation runs (register's instance_grid): 'input' (default, as register): "
+        "the steps on the network's parameters on its working grid, then as many on the fixed image's own "
+        "grid; 'network': only the former",
     )
     parser.add_argument("--sitk-affine", action="store_true", help="add SimpleITK's affine per pair")
     parser.add_argument("--bspline", action="store_true", help="add SimpleITK's B-spline FFD per pair")
