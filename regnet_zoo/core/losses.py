@@ -135,7 +135,7 @@ def lncc_loss(a: Tensor, b: Tensor, kernel_size: int = 9) -> Tensor:
     spatial_dims = _check_pair(a, b, "lncc_loss")
     if kernel_size % 2 == 0:
         raise ValueError(f"lncc_loss: kernel_size must be odd, got {kernel_size}")
-    if _fast.applies(a, b) and b.dtype == a.dtype:
+    if _fast.applies(a, b):  # CPU, one float dtype, numba importable
         return _LNCCFunction.apply(a, b, int(kernel_size), spatial_dims)
     loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=spatial_dims, kernel_size=kernel_size)
     return loss(a, b)
@@ -306,15 +306,14 @@ class _DiffusionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x):
+        ctx.count = x.shape[0] * x.shape[1] * math.prod(n - 2 for n in x.shape[2:])  # interior values
         total = x.new_zeros(())
         for axis in range(2, x.ndim):
             plus, minus = _difference_slices(x.ndim, axis)
             g = (x[plus] - x[minus]) * 0.5
             total = total + (g * g).sum()
-            count = g.numel()
         ctx.save_for_backward(x)
-        ctx.count = count
-        return total / count
+        return total / ctx.count
 
     @staticmethod
     @torch.autograd.function.once_differentiable
