@@ -47,6 +47,9 @@ def markdown_table(rows: Sequence[dict], show_gpu: bool | None = None) -> str:
     if show_gpu is None:
         show_gpu = any(r.get("peak_gpu_mb") is not None for r in rows)
     columns = [c for c in _COLUMNS if show_gpu or c[1] != "peak_gpu_mb"]
+    if _mixed_devices(rows):  # rows merged from runs on several machines: say which timed each
+        columns.insert(columns.index(next(c for c in columns if c[1] == "time_per_pair_s")) + 1,
+                       ("timed on", "device", "{}"))
     lines = [
         "| method | " + " | ".join(c[0] for c in columns) + " | note |",
         "|---|" + "---:|" * len(columns) + "---|",
@@ -64,6 +67,10 @@ def markdown_table(rows: Sequence[dict], show_gpu: bool | None = None) -> str:
             note = f"**{row.get('status')}**: {note}"
         lines.append(f"| {row['method']} | " + " | ".join(cells) + f" | {note} |")
     return "\n".join(lines)
+
+
+def _mixed_devices(rows: Sequence[dict]) -> bool:
+    return len({r.get("device") for r in rows if r.get("status") == "ok"}) > 1
 
 
 def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Path]:
@@ -136,7 +143,14 @@ def _ok(rows: Sequence[dict], key: str) -> list[dict]:
 
 
 def _scatter(
-    ax, rows: Sequence[dict], styles: dict, x_key: str, y_key: str, errors: bool = True, x_errors: bool = True
+    ax,
+    rows: Sequence[dict],
+    styles: dict,
+    x_key: str,
+    y_key: str,
+    errors: bool = True,
+    x_errors: bool = True,
+    device_labels: bool = False,
 ) -> None:
     for r in rows:
         if r.get(x_key) is None or r.get(y_key) is None:
@@ -154,7 +168,7 @@ def _scatter(
             mew=0.5,
             elinewidth=0.8,
             capsize=2,
-            label=r["method"],
+            label=r["method"] + (f" ({r.get('device')})" if device_labels else ""),
         )
 
 
@@ -177,7 +191,8 @@ def plot_accuracy_vs_time(rows: Sequence[dict], path: Path) -> Path:
     ok = [r for r in _ok(rows, key) if r.get("time_per_pair_s")]
     styles = _styles(rows)
     fig, ax = plt.subplots(figsize=(8.5, 4.8))
-    _scatter(ax, ok, styles, "time_per_pair_s", key, x_errors=False)  # a log axis: no symmetric time bars
+    # a log axis: no symmetric time bars; rows timed on different machines say which in the legend
+    _scatter(ax, ok, styles, "time_per_pair_s", key, x_errors=False, device_labels=_mixed_devices(ok))
     ax.set_xscale("log")
     ax.set_xlabel("registration time per pair (s, log scale; training not included)")
     ax.set_ylabel(label)

@@ -78,10 +78,12 @@ def bundle_train_spec(
     pre_align: str | None = None,
     spacing: float | None = None,
     pair_keys: list[str] | None = None,
+    num_workers: int | None = None,
 ) -> TrainSpec:
     """The training parts of ``bundles/<method>/train.yaml`` (monai ``ConfigParser``) for this dataset
     (``pre_align``: the affine stage of its ``pair_transforms``; ``spacing``: resample to this voxel size;
-    ``pair_keys``: the pair entries training reads, e.g. ``["fixed", "moving"]`` to keep labels out)."""
+    ``pair_keys``: the pair entries training reads, e.g. ``["fixed", "moving"]`` to keep labels out;
+    ``num_workers``: loader processes, e.g. for RegNet's synthetic crops, drawn on the CPU)."""
     from regnet_zoo.bundle import bundle_parser
 
     overrides: dict[str, Any] = {
@@ -98,6 +100,8 @@ def bundle_train_spec(
         overrides["transforms#spacing"] = spacing
     if pair_keys is not None:
         overrides["pair_keys"] = list(pair_keys)
+    if num_workers is not None:
+        overrides["num_workers"] = num_workers
     parser = bundle_parser(method, "train", **overrides)
     network = parser.get_parsed_content("network")
     trainer_config = parser.get("train#trainer", {})
@@ -127,6 +131,7 @@ def voxelmorph_train_spec(
     seed: int = 0,
     pre_align: str | None = None,
     spacing: float | None = None,
+    num_workers: int = 0,
 ) -> TrainSpec:
     """MONAI ``VoxelMorph`` with LNCC (or MSE) + diffusion on every ordered pair of training subjects.
 
@@ -149,7 +154,9 @@ def voxelmorph_train_spec(
     pairs = [
         {"fixed": p["fixed"], "moving": p["moving"]} for p in Learn2RegDataset(dataset_dir).pairs("train")
     ]
-    loader = pair_dataloader(pairs, transforms, batch_size=batch_size, shuffle=True, cache=True, seed=seed)
+    loader = pair_dataloader(
+        pairs, transforms, batch_size=batch_size, shuffle=True, num_workers=num_workers, cache=True, seed=seed
+    )
     return TrainSpec(
         network=network,
         loss=VoxelMorphLoss(similarity=similarity),

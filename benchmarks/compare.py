@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--image-size", type=int, nargs="+", help="resize every image to this grid")
     parser.add_argument("--batch-size", type=int, help="training batch size for every deep method")
+    parser.add_argument("--workers", type=int, help="training loader processes (default: the bundle's)")
     parser.add_argument("--max-pairs", type=int, help="evaluate at most this many pairs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch / SimpleITK threads (default: torch's)")
@@ -203,6 +204,13 @@ def _machine(device: str) -> str:
     return f"{text}, device {device}"
 
 
+def _device_label(device: str) -> str:
+    """What timed a row, short: the GPU's name or ``CPU (N threads)``."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
 def _empty_row(method: str, kind: str, status: str, note: str) -> dict[str, Any]:
     row: dict[str, Any] = {"method": method, "kind": kind, "status": status, "note": note}
     row.update({field: None for field in METRIC_FIELDS})
@@ -232,6 +240,7 @@ def _deep_parts(
                 seed=seed,
                 pre_align=pre_align,
                 spacing=data["spacing"],
+                num_workers=args.workers or 0,
             )
 
         def make_network():
@@ -252,6 +261,7 @@ def _deep_parts(
             pre_align=pre_align,
             spacing=data["spacing"],
             pair_keys=data["train_keys"],
+            num_workers=args.workers,
         )
 
     def make_network():
@@ -384,9 +394,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
         )
     if args.threads:
         torch.set_num_threads(args.threads)
-    import SimpleITK as sitk
+    if any(m in CLASSIC and m != "identity" for m in args.methods):  # deep rows alone never call SimpleITK
+        import SimpleITK as sitk
 
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())  # same threads for all
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(torch.get_num_threads())  # same threads for all
     if args.iterations is not None:
         budget = Budget(iterations=args.iterations)
     else:
@@ -434,6 +445,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
             for row in new_rows:
                 row.setdefault("pre_align", pre_align)
                 row.setdefault("base_method", method)
+                row["device"] = _device_label(args.device)
             rows.extend(new_rows)
 
     names = data["label_names"]
@@ -456,6 +468,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
         "command": "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv),
         "dataset": {
             "name": dataset.name,
+            "key": args.dataset,
             "dir": str(data["dir"]),
             "spatial_dims": data["spatial_dims"],
             "grid": list(first[0]["fixed"].shape[2:]),
@@ -494,19 +507,33 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
 
 #: the plots copied by --publish (the per-method panels stay in OUT)
 SUMMARY_PLOTS = ("accuracy_vs_time", "dice_vs_sdlogj", "dice_boxplot", "learning_curves", "qualitative")
+#: the plots that show the images themselves
+IMAGE_PLOTS = ("qualitative",)
+#: datasets read in place from ../shared/data: their images never leave --out (--publish copies numbers and
+#: plots of numbers only)
+LOCAL_ONLY_DATASETS = ("prostate3d", "oasis3d")
 
 
-def publish(out: Path, name: str) -> Path:
+def publish(out: Path, name: str, target: Path | None = None) -> Path:
     """Copy ``results.json``, ``results.md`` (plot links renamed) and the summary plots of ``out`` to
-    ``benchmarks/results/compare_<name>.*``; returns the Markdown path."""
+    ``<target>/compare_<name>.*`` (default ``benchmarks/results``); returns the Markdown path.
+
+    A report on data read in place from ``../shared/data`` (``LOCAL_ONLY_DATASETS``) is published without
+    the plots that show its images: numbers and plots of numbers only, never the data.
+    """
+    import json
     import shutil
 
-    target = project_root() / "benchmarks" / "results"
+    target = project_root() / "benchmarks" / "results" if target is None else target
     stem = f"compare_{_file_stem(name)}"
+    meta = json.loads((out / "results.json").read_text())
+    local = meta["dataset"].get("key", LOCAL_ONLY_DATASETS[0]) in LOCAL_ONLY_DATASETS  # unknown: as shared
     shutil.copyfile(out / "results.json", target / f"{stem}.json")
     text = (out / "results.md").read_text()
     for plot in SUMMARY_PLOTS:
-        if (out / f"{plot}.png").is_file():
+        if local and plot in IMAGE_PLOTS:
+            text = "\n".join(line for line in text.splitlines() if f"({plot}.png)" not in line) + "\n"
+        elif (out / f"{plot}.png").is_file():
             shutil.copyfile(out / f"{plot}.png", target / f"{stem}_{plot}.png")
             text = text.replace(f"({plot}.png)", f"({stem}_{plot}.png)")
     (target / f"{stem}.md").write_text(text)
@@ -532,18 +559,23 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
     )
 
     results = [json.loads(Path(p).read_text()) for p in paths]
-    names = {r["dataset"]["dir"] for r in results}
+    # one dataset: same name, grid and pairs (a run on another machine, e.g. the GPU's, has another path)
+    names = {
+        (r["dataset"]["name"], str(r["dataset"]["grid"]), r["dataset"]["num_eval_pairs"]) for r in results
+    }
     if len(names) > 1:
         raise RegistrationInputError(f"--merge: results of different datasets {sorted(names)}")
     rows: dict[str, dict] = {}
     for result in results:
         for row in result["rows"]:
+            row.setdefault("device", "GPU" if "device cuda" in result["machine"] else "CPU")
             rows[row["method"]] = row
     meta = dict(results[0])
     meta.pop("rows")
     if len(paths) > 1:  # one file: its own command stays the report's command (only re-rendered)
         meta["merged_from"] = [
-            {"file": str(p), "command": r["command"]} for p, r in zip(paths, results, strict=True)
+            {"file": str(p), "command": r["command"], "machine": r["machine"], "date": r["date"]}
+            for p, r in zip(paths, results, strict=True)
         ]
         meta["command"] = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
     for status in ("missing", "skipped", "failed"):
@@ -567,16 +599,11 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
     return ordered
 
 
-#: datasets read in place from ../shared/data: their reports stay in --out, never in the repository
-LOCAL_ONLY_DATASETS = ("prostate3d", "oasis3d")
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.publish and args.dataset in LOCAL_ONLY_DATASETS:
-        parser.error(f"--publish: reports on {args.dataset} (../shared/data) stay in --out, not in the repo")
     if args.merge:
         rows = merge_reports(args.merge, args.out, argv)
         if args.publish:

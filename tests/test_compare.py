@@ -32,6 +32,7 @@ from regnet_zoo.baselines import (
     transform_to_ddf,
 )
 from regnet_zoo.core.spatial import identity_grid, warp_image
+from regnet_zoo.errors import RegistrationInputError
 
 COMPARE = project_root() / "benchmarks" / "compare.py"
 sys.path.insert(0, str(COMPARE.parent))
@@ -397,12 +398,64 @@ def test_sitk_affine_with_random_sampling_is_reproducible(one_sitk_thread):
     assert not torch.equal(first, other)  # the seed reaches the sampler
 
 
-@pytest.mark.parametrize("dataset", ["prostate3d", "oasis3d"])
-def test_reports_on_shared_data_are_not_published_into_the_repository(dataset, tmp_path, capsys):
-    """Reports derived from ../shared/data stay in --out: --publish refuses them before any work."""
-    from compare import main
+def _report(folder: Path, key: str, machine: str, grid: list[int], rows: list[dict]) -> Path:
+    """A minimal ``results.json`` as compare.py writes it."""
+    folder.mkdir(parents=True)
+    meta = {
+        "date": "2026-11-26 12:00 UTC",
+        "machine": machine,
+        "command": f"python benchmarks/compare.py --dataset {key}",
+        "dataset": {"name": "tiny", "key": key, "dir": str(folder / "data"), "grid": grid,
+                    "num_eval_pairs": 2, "eval_split": "registration_val", "label_names": {"1": "gland"}},
+        "budget": "1 min",
+        "seeds": [0],
+        "rows": rows,
+    }
+    (folder / "results.json").write_text(json.dumps(meta))
+    return folder / "results.json"
 
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--dataset", dataset, "--publish", "x", "--out", str(tmp_path / "out")])
-    assert exit_info.value.code == 2 and "stay in --out" in capsys.readouterr().err
-    assert not (tmp_path / "out").exists()
+
+def _row(method: str, dice: float, seconds: float) -> dict:
+    return {"method": method, "kind": "deep", "status": "ok", "note": "", "dice_mean": dice,
+            "time_per_pair_s": seconds, "sdlogj": 0.1, "folding_percent": 0.0,
+            "per_label_dice": {"1": [dice, dice]}, "per_pair": []}
+
+
+def test_merge_joins_runs_of_other_machines_and_says_which_timed_each_row(tmp_path):
+    """A GPU run's deep rows and a CPU run's classic rows of the same dataset (other paths, same name, grid
+    and pairs) make one report whose table says where each row was timed; another grid is refused."""
+    from compare import merge_reports
+
+    on_cpu, on_gpu = "Xeon, device cpu", "EPYC, NVIDIA H200, device cuda"
+    cpu = _report(tmp_path / "cpu", "prostate3d", on_cpu, [8, 8, 8], [_row("sitk_affine", 0.5, 2.0)])
+    gpu = _report(tmp_path / "gpu", "prostate3d", on_gpu, [8, 8, 8], [_row("ddrnet", 0.6, 0.05)])
+    rows = merge_reports([cpu, gpu], tmp_path / "merged", ["--merge", "cpu", "gpu"])
+    assert [(r["method"], r["device"]) for r in rows] == [("sitk_affine", "CPU"), ("ddrnet", "GPU")]
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert [m["machine"] for m in merged["merged_from"]] == [on_cpu, on_gpu]
+    table = (tmp_path / "merged" / "results.md").read_text()
+    assert "timed on" in table and "| ddrnet |" in table and "| GPU |" in table
+    other = _report(tmp_path / "other", "prostate3d", on_cpu, [8, 8, 9], [_row("pwc", 0.4, 1.0)])
+    with pytest.raises(RegistrationInputError, match="different datasets"):
+        merge_reports([cpu, other], tmp_path / "bad", ["--merge"])
+
+
+@pytest.mark.parametrize("key, images", [("prostate3d", False), ("oasis3d", False), ("builtin", True)])
+def test_publish_leaves_the_images_of_shared_data_behind(key, images, tmp_path):
+    """--publish copies the table, the JSON and the plots of numbers; a report on ../shared/data (read in
+    place, never part of the project) leaves out the panels that show its images."""
+    from compare import publish
+
+    out = tmp_path / "out"
+    _report(out, key, "Xeon, device cpu", [8, 8, 8], [_row("ddrnet", 0.6, 0.05)])
+    (out / "results.md").write_text("table\n\n![accuracy vs time](accuracy_vs_time.png)\n\n"
+                                    "![qualitative panels](qualitative.png)\n")
+    for plot in ("accuracy_vs_time", "qualitative"):
+        (out / f"{plot}.png").write_bytes(b"png")
+    target = tmp_path / "results"
+    target.mkdir()
+    md = publish(out, "x", target=target)
+    assert (target / "compare_x.json").is_file() and (target / "compare_x_accuracy_vs_time.png").is_file()
+    assert "(compare_x_accuracy_vs_time.png)" in md.read_text()
+    assert (target / "compare_x_qualitative.png").is_file() is images
+    assert ("qualitative" in md.read_text()) is images
