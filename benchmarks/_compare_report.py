@@ -91,7 +91,10 @@ def write_results(out: Path, meta: dict, rows: Sequence[dict]) -> tuple[Path, Pa
         f"({meta['dataset']['eval_split']}), grid {meta['dataset']['grid']}, "
         f"training budget {meta['budget']} per deep method and seed (iterations: note column)",
         f"- split: {meta['dataset'].get('split', '')}; seeds {meta.get('seeds', [0])}",
-        *[f"- merged from: `{m['command']}`" for m in meta.get("merged_from", [])],
+        *[
+            f"- merged from: `{m['command']}`" + (f" ({m['machine']}, {m['date']})" if "machine" in m else "")
+            for m in meta.get("merged_from", [])
+        ],
         "",
         markdown_table(rows),
         "",
@@ -176,6 +179,8 @@ def _legend_outside(fig, ax) -> None:
     handles, labels = ax.get_legend_handles_labels()
     if handles:
         ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+        width, height = fig.get_size_inches()  # a long legend (many rows) gets the height it needs
+        fig.set_size_inches(width, max(height, 0.15 * len(handles) + 0.8))
 
 
 def _accuracy_key(rows: Sequence[dict]) -> tuple[str, str]:

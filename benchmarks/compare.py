@@ -578,6 +578,10 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
             for p, r in zip(paths, results, strict=True)
         ]
         meta["command"] = "python benchmarks/compare.py " + " ".join(shlex.quote(a) for a in argv)
+    # the training budget and seeds are those of the runs with deep rows (a classic-only run has none)
+    deep = [r for r in results if any(row.get("kind") == "deep" for row in r["rows"])] or results
+    meta["budget"] = " / ".join(dict.fromkeys(str(r["budget"]) for r in deep))
+    meta["seeds"] = sorted({seed for r in deep for seed in r.get("seeds", [0])})
     for status in ("missing", "skipped", "failed"):
         meta[status] = [r["method"] for r in rows.values() if r["status"] == status]
     out.mkdir(parents=True, exist_ok=True)
