@@ -603,7 +603,6 @@ def merge_reports(paths: Sequence[Path], out: Path, argv: Sequence[str]) -> list
     return ordered
 
 
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()

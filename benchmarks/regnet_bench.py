@@ -241,6 +241,13 @@ def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegN
     return net.eval(), info
 
 
+def swap_axes(image: MetaTensor) -> MetaTensor:
+    """A 2D image with its two axes swapped (affine columns too): a probe of axis-specific behaviour."""
+    affine = torch.as_tensor(image.affine).clone()
+    affine[:, [0, 1]] = affine[:, [1, 0]]
+    return MetaTensor(image.as_tensor().transpose(-1, -2).contiguous(), affine=affine)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -262,13 +269,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=0, help="processes making training crops")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device for training and inference, e.g. cuda")
+    parser.add_argument(
+        "--swap-axes", action="store_true", help="2D: swap the two image axes of every image (a probe)"
+    )
     args = parser.parse_args(argv)
+    if args.swap_axes and args.dims != 2:
+        raise SystemExit("--swap-axes: 2D only")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available")
     args.crop = args.crop or (112 if args.dims == 2 else 64)
     torch.set_num_threads(args.threads)
 
     images, names = load_split(args.data, args.dims)
+    if args.swap_axes:
+        images = {part: [swap_axes(image) for image in found] for part, found in images.items()}
     val_presets = PRESETS if args.dims == 3 else ("medium",)
     val_pairs = synthetic_pairs(images["validation"], seed=5000, presets=val_presets)
     test_pairs = synthetic_pairs(images["test"], seed=9000)

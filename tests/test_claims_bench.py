@@ -13,6 +13,22 @@ from monai.data import MetaTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 
+def test_regnet_swap_axes_keeps_every_voxel_at_its_world_position():
+    """``--swap-axes`` transposes a 2D image and swaps its affine's columns: voxel (i, j) of the original and
+    voxel (j, i) of the swapped image hold the same value at the same world position."""
+    from regnet_bench import swap_axes
+
+    affine = torch.tensor([[0.9, 0.1, 0, 5.0], [0.0, 1.2, 0, -3.0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    image = MetaTensor(torch.rand(1, 6, 9), affine=affine)
+    swapped = swap_axes(image)
+    assert swapped.shape == (1, 9, 6)
+    i, j = 4, 7
+    assert swapped[0, j, i] == image[0, i, j]
+    original = affine @ torch.tensor([float(i), float(j), 0.0, 1.0])
+    moved = torch.as_tensor(swapped.affine).float() @ torch.tensor([float(j), float(i), 0.0, 1.0])
+    torch.testing.assert_close(moved, original)
+
+
 def test_regnet_training_crops_do_not_depend_on_the_worker_count():
     """Crop ``i`` is seeded by ``(seed, i)``: the same batches in the main process and in 2 workers; another
     seed gives other crops."""
