@@ -386,10 +386,18 @@ def elastix_bspline(
         if iterations is not None:
             parameter_map["MaximumNumberOfIterations"] = [str(int(iterations))]
         parameters.AddParameterMap(parameter_map)
-    kwargs = {"number_of_threads": int(threads)} if threads else {}
-    _, result_parameters = itk.elastix_registration_method(
-        to_itk(fixed_arr), to_itk(moving_arr), parameter_object=parameters, log_to_console=False, **kwargs
-    )
+    # threads through ITK's global default, never elastix's ``number_of_threads``: with more than one thread
+    # that argument crashes the B-spline map (segfault, itk-elastix 0.25; ITKElastix issues #160 and #295)
+    threader = itk.MultiThreaderBase
+    previous = threader.GetGlobalDefaultNumberOfThreads()
+    if threads:
+        threader.SetGlobalDefaultNumberOfThreads(int(threads))
+    try:
+        _, result_parameters = itk.elastix_registration_method(
+            to_itk(fixed_arr), to_itk(moving_arr), parameter_object=parameters, log_to_console=False
+        )
+    finally:
+        threader.SetGlobalDefaultNumberOfThreads(previous)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # transformix writes deformationField.nii into its folder

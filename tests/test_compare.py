@@ -340,6 +340,10 @@ def _optional_baseline(name):
         ("sitk_demons", {}),
         ("ants_syn", {}),
         pytest.param("elastix", {"iterations": 100}, marks=pytest.mark.slow),  # importing ITK takes ~30 s
+        # elastix's own number_of_threads > 1 segfaults in its B-spline map (itk-elastix 0.25): 2 must run
+        pytest.param(
+            "elastix", {"iterations": 100, "threads": 2}, marks=pytest.mark.slow, id="elastix-2-threads"
+        ),
     ],
 )
 def test_classic_baseline_recovers_a_shift(name, kwargs, one_sitk_thread):
