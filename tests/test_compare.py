@@ -463,3 +463,19 @@ def test_publish_leaves_the_images_of_shared_data_behind(key, images, tmp_path):
     assert "(compare_x_accuracy_vs_time.png)" in md.read_text()
     assert (target / "compare_x_qualitative.png").is_file() is images
     assert ("qualitative" in md.read_text()) is images
+
+
+def test_boxplot_keeps_each_methods_best_variant_when_rows_are_many(tmp_path):
+    """With more rows than ``MAX_BOXES`` the per-structure plot shows one box per method: its best variant."""
+    from _compare_report import MAX_BOXES, _best_per_method, plot_dice_boxes
+
+    rows = []
+    for i in range(MAX_BOXES):
+        for suffix, dice in (("", 0.5), (" +IO", 0.6 + i / 100), (" +affine", 0.55)):
+            row = _row(f"m{i}{suffix}", dice, 0.1)
+            row["base_method"] = f"m{i}"
+            rows.append(row)
+    best = _best_per_method(rows)
+    assert [r["method"] for r in best] == [f"m{i} +IO" for i in range(MAX_BOXES)]
+    path = plot_dice_boxes(rows, tmp_path / "boxes.png", label_names={"1": "gland"})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
