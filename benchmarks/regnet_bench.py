@@ -177,6 +177,7 @@ def train(variant: str, images: dict, val_pairs: list[dict], args) -> tuple[RegN
         skip_crop_border=True,
         tile_size=args.tile,
         dense_mode=args.dense_mode,
+        output_init_std=None if args.output_init_std <= 0 else args.output_init_std,
     ).to(args.device)
     transform = RegNetSyntheticCropd(image_key="image", mask_key="mask", crop_size=args.crop)
     loss_fn = RegNetLoss()
@@ -271,6 +272,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="torch device for training and inference, e.g. cuda")
     parser.add_argument(
         "--swap-axes", action="store_true", help="2D: swap the two image axes of every image (a probe)"
+    )
+    parser.add_argument(
+        "--output-init-std", type=float, default=0.0, help="last layer's initial weight std (0: PyTorch's)"
     )
     args = parser.parse_args(argv)
     if args.swap_axes and args.dims != 2:

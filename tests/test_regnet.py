@@ -331,3 +331,13 @@ def test_training_lowers_dvf_mae_on_held_back_slices(shared_data):
     mismatch_identity = (moving - fixed).abs().mean().item()
     mismatch_trained = (out["warped"] - fixed).abs().mean().item()
     assert mismatch_trained < mismatch_identity, (mismatch_trained, mismatch_identity)
+
+
+def test_output_layer_initialisation():
+    """By default the last layer keeps PyTorch's initialisation; ``output_init_std`` sets its weights' std
+    (bias zero) instead, orders of magnitude smaller for a start near the zero field."""
+    torch.manual_seed(0)
+    small = RegNet(2, output_init_std=1e-5).fully_connected[-1]
+    default = RegNet(2).fully_connected[-1]
+    assert small.weight.std() < 2e-5 and torch.count_nonzero(small.bias) == 0
+    assert default.weight.std() > 1e-3 and torch.count_nonzero(default.bias) > 0
