@@ -507,37 +507,38 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> list[dict]:
 
 #: the plots copied by --publish (the per-method panels stay in OUT)
 SUMMARY_PLOTS = ("accuracy_vs_time", "dice_vs_sdlogj", "dice_boxplot", "learning_curves", "qualitative")
-#: the plots that show the images themselves
-IMAGE_PLOTS = ("qualitative",)
-#: datasets read in place from ../shared/data: their images never leave --out (--publish copies numbers and
-#: plots of numbers only)
+#: datasets read in place from ../shared/data: their reports stay in --out, never in the repository
 LOCAL_ONLY_DATASETS = ("prostate3d", "oasis3d")
 
 
 def publish(out: Path, name: str, target: Path | None = None) -> Path:
     """Copy ``results.json``, ``results.md`` (plot links renamed) and the summary plots of ``out`` to
-    ``<target>/compare_<name>.*`` (default ``benchmarks/results``); returns the Markdown path.
-
-    A report on data read in place from ``../shared/data`` (``LOCAL_ONLY_DATASETS``) is published without
-    the plots that show its images: numbers and plots of numbers only, never the data.
-    """
-    import json
+    ``<target>/compare_<name>.*`` (default ``benchmarks/results``); returns the Markdown path."""
     import shutil
 
     target = project_root() / "benchmarks" / "results" if target is None else target
     stem = f"compare_{_file_stem(name)}"
-    meta = json.loads((out / "results.json").read_text())
-    local = meta["dataset"].get("key", LOCAL_ONLY_DATASETS[0]) in LOCAL_ONLY_DATASETS  # unknown: as shared
     shutil.copyfile(out / "results.json", target / f"{stem}.json")
     text = (out / "results.md").read_text()
     for plot in SUMMARY_PLOTS:
-        if local and plot in IMAGE_PLOTS:
-            text = "\n".join(line for line in text.splitlines() if f"({plot}.png)" not in line) + "\n"
-        elif (out / f"{plot}.png").is_file():
+        if (out / f"{plot}.png").is_file():
             shutil.copyfile(out / f"{plot}.png", target / f"{stem}_{plot}.png")
             text = text.replace(f"({plot}.png)", f"({stem}_{plot}.png)")
     (target / f"{stem}.md").write_text(text)
     return target / f"{stem}.md"
+
+
+def _publish_refusal(args: argparse.Namespace) -> str | None:
+    """Why ``--publish`` must not run (a report on ``../shared/data``, also when merged), else ``None``."""
+    import json
+
+    keys = {args.dataset} if not args.merge else {
+        json.loads(Path(p).read_text())["dataset"].get("key") for p in args.merge
+    }
+    local = sorted(k for k in keys if k in LOCAL_ONLY_DATASETS)
+    if args.publish and local:
+        return f"--publish: reports on {', '.join(local)} (../shared/data) stay in --out, not in the repo"
+    return None
 
 
 def _file_stem(name: str) -> str:
@@ -607,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    refusal = _publish_refusal(args)
+    if refusal:
+        parser.error(refusal)
     if args.merge:
         rows = merge_reports(args.merge, args.out, argv)
         if args.publish:

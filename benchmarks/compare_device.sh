@@ -10,10 +10,9 @@
 # PY (python3), DEV (cuda), B (training minutes per method, seed and stage), IO (instance-optimisation steps),
 # SEEDS ("0 1 2"), DATASETS ("prostate3d oasis3d"), METHODS, T (seconds before a process is stopped).
 # Writes $OUT/compare_<dataset>.tgz: one folder per method with its results.json, results.md and plots.
-# The committed reports (compare_prostate3d, compare_oasis3d) come from the defaults on one H200 (2026-11-26,
-# 409 s): the 12 processes shared the GPU and 16 cores, so 0.75 min gave 14 to 257 iterations per network,
-# short of convergence: the next run wants a larger B, and fewer METHODS per run (each process then gets more
-# of the GPU).
+# The reports are derived from ../shared/data: they stay on the machine that has the data (never committed).
+# With the defaults on one H200 (2026-11-26, 409 s) the 12 processes shared the GPU and 16 cores, so 0.75 min
+# was short of convergence: a larger B, and fewer METHODS per run, give each network more iterations.
 # SimpleITK is not needed for the deep rows; where it is missing (the GPU image here), a stand-in module that
 # fails on any use lets the imports pass, so a deep row that did call it would fail loudly, not silently.
 set -u

@@ -444,14 +444,29 @@ def test_merge_joins_runs_of_other_machines_and_says_which_timed_each_row(tmp_pa
         merge_reports([cpu, other], tmp_path / "bad", ["--merge"])
 
 
-@pytest.mark.parametrize("key, images", [("prostate3d", False), ("oasis3d", False), ("builtin", True)])
-def test_publish_leaves_the_images_of_shared_data_behind(key, images, tmp_path):
-    """--publish copies the table, the JSON and the plots of numbers; a report on ../shared/data (read in
-    place, never part of the project) leaves out the panels that show its images."""
+@pytest.mark.parametrize("dataset", ["prostate3d", "oasis3d"])
+def test_reports_on_shared_data_are_not_published_into_the_repository(dataset, tmp_path, capsys):
+    """Reports derived from ../shared/data stay in --out: --publish refuses them before any work, also when
+    they come from --merge."""
+    from compare import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--dataset", dataset, "--publish", "x", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "stay in --out" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    run = _report(tmp_path / "run", dataset, "Xeon, device cpu", [8, 8, 8], [_row("ddrnet", 0.6, 0.05)])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--merge", str(run), "--publish", "x", "--out", str(tmp_path / "merged")])
+    assert exit_info.value.code == 2 and "stay in --out" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
+def test_publish_copies_the_report_and_its_plots(tmp_path):
+    """--publish copies the JSON, the table with its plot links renamed, and the summary plots."""
     from compare import publish
 
     out = tmp_path / "out"
-    _report(out, key, "Xeon, device cpu", [8, 8, 8], [_row("ddrnet", 0.6, 0.05)])
+    _report(out, "builtin", "Xeon, device cpu", [8, 8], [_row("ddrnet", 0.6, 0.05)])
     (out / "results.md").write_text("table\n\n![accuracy vs time](accuracy_vs_time.png)\n\n"
                                     "![qualitative panels](qualitative.png)\n")
     for plot in ("accuracy_vs_time", "qualitative"):
@@ -459,10 +474,9 @@ def test_publish_leaves_the_images_of_shared_data_behind(key, images, tmp_path):
     target = tmp_path / "results"
     target.mkdir()
     md = publish(out, "x", target=target)
-    assert (target / "compare_x.json").is_file() and (target / "compare_x_accuracy_vs_time.png").is_file()
-    assert "(compare_x_accuracy_vs_time.png)" in md.read_text()
-    assert (target / "compare_x_qualitative.png").is_file() is images
-    assert ("qualitative" in md.read_text()) is images
+    assert (target / "compare_x.json").is_file()
+    for plot in ("accuracy_vs_time", "qualitative"):
+        assert (target / f"compare_x_{plot}.png").is_file() and f"(compare_x_{plot}.png)" in md.read_text()
 
 
 def test_boxplot_keeps_each_methods_best_variant_when_rows_are_many(tmp_path):
