@@ -48,7 +48,7 @@ for p in "${pids[@]}"; do wait $p; done
 kill $PACK
 for d in $DATASETS; do for m in $METHODS; do
   mv $R/${d}_$m.log $R/${d}_$m/run.log 2>/dev/null
-  echo "$d $m: $(grep -c . $R/${d}_$m/results.json 2>/dev/null || echo 'no') results lines"
+  [ -f $R/${d}_$m/results.json ] && echo "$d $m: results.json" || echo "$d $m: NO RESULTS (see its run.log)"
 done; done
 pack
 grep -h -E "Error|error:" $R/*/run.log | sort | uniq -c | head -20

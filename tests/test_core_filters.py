@@ -66,4 +66,3 @@ def test_lncc_float32_and_one_sided_gradient():
     torch.testing.assert_close(warped.grad, ref_in.grad, rtol=1e-4, atol=1e-8)
     with pytest.raises(ValueError, match="odd"):
         lncc_loss(a, b, kernel_size=4)
-

@@ -284,7 +284,7 @@ def diffusion_loss(ddf: Tensor) -> Tensor:
 
     Central differences on the interior; ddf ``(B, N, *S)`` with every size > 2. Lower is better, 0 for a
     translation. The backward is written out (:class:`_DiffusionFunction`, MONAI's value and gradient:
-    ``tests/test_core_filters.py``): autograd's slice backward filled a whole-grid tensor per difference.
+    ``tests/test_core_losses.py``): autograd's slice backward filled a whole-grid tensor per difference.
     """
     _check_field(ddf, "diffusion_loss", min_size=3)
     if ddf.layout != torch.strided or torch.jit.is_tracing() or torch.jit.is_scripting():
