@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import subprocess
 import sys
@@ -180,10 +181,12 @@ def test_peak_memory_sees_an_allocation():
     with PeakMemory() as before:
         pass
     with PeakMemory() as during:
-        block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
-        block += 1
+        # 64 MB of fresh anonymous pages, all touched: malloc could serve a block from memory freed earlier in
+        # this process, still resident, and the RSS would not move (seen once after the suite had run a while)
+        block = mmap.mmap(-1, 64 * 2**20)
+        block.write(b"\x01" * len(block))
         time.sleep(0.1)  # the sampler polls every 10 ms: on a loaded machine a shorter life can go unseen
-        del block
+        block.close()
     assert during.peak_rss_mb > before.peak_rss_mb + 40
     assert during.peak_gpu_mb is None
 
