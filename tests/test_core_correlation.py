@@ -1,12 +1,15 @@
-"""Correlation layer: equals a brute-force loop (2D/3D, both metrics, both paddings), chunking, gradients."""
+"""Correlation layer: equals a brute-force loop (2D/3D, both metrics, both paddings; the numba kernel used
+without autograd on CPU and the chunked torch code), chunking, gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import pytest
 import torch
 
+from regnet_zoo.core import _fast
 from regnet_zoo.core.correlation import (
     CorrelationVolume,
     correlation_volume,
@@ -52,18 +55,44 @@ def test_displacement_set_order_and_size():
         displacement_set(3, 2, step=2)
 
 
+def _path(path: str, monkeypatch) -> contextlib.AbstractContextManager:
+    """``"fast"``: the numba kernel, checked to be taken (skipped without numba); ``"torch"``: the chunks."""
+    if path == "torch":
+        return _fast.disabled()
+    if _fast.numba is None:
+        pytest.skip("numba not installed")
+    real = _fast.correlation
+    monkeypatch.setattr(_fast, "correlation", lambda *a: calls.append(1) or real(*a))
+    calls = []
+
+    @contextlib.contextmanager
+    def taken():
+        yield
+        assert calls, "the numba correlation kernel was not used"
+
+    return taken()
+
+
+@pytest.mark.parametrize("path", ["fast", "torch"])
 @pytest.mark.parametrize("metric", ["ssd", "dot"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_matches_brute_force_2d(metric, padding_mode):
+def test_matches_brute_force_2d(metric, padding_mode, path, monkeypatch):
     fixed, moving = torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7)
-    cost = correlation_volume(fixed, moving, 2, metric=metric, padding_mode=padding_mode)
+    with _path(path, monkeypatch):
+        cost = correlation_volume(fixed, moving, 2, metric=metric, padding_mode=padding_mode)
     assert cost.shape == (2, 25, 6, 7)
     ref = _brute_force_cost(fixed, moving, 2, metric, padding_mode)
     torch.testing.assert_close(cost.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["fast", "torch"])
 @pytest.mark.parametrize("metric", ["ssd", "dot"])
-def test_matches_brute_force_3d_and_dilated(metric):
+def test_matches_brute_force_3d_and_dilated(metric, path, monkeypatch):
+    with _path(path, monkeypatch):
+        _check_3d_and_dilated(metric)
+
+
+def _check_3d_and_dilated(metric):
     fixed, moving = torch.randn(1, 2, 4, 5, 3), torch.randn(1, 2, 4, 5, 3)
     cost = correlation_volume(fixed, moving, 1, metric=metric, padding_mode="border", chunk_size=4)
     ref = _brute_force_cost(fixed, moving, 1, metric, "border")

@@ -4,6 +4,7 @@ parameters round trip, and a short weakly supervised training run on real labell
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from regnet_zoo.core import _fast
 from regnet_zoo.core.correlation import displacement_set
 from regnet_zoo.core.losses import one_hot_labels
 from regnet_zoo.core.metrics import dice_per_label
@@ -59,7 +61,26 @@ def test_outputs_shapes_and_gradients(spatial_dims, size):
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
-def test_min_convolution_matches_tutorial_layers_2d():
+def _path(path: str, monkeypatch, kernel: str) -> contextlib.AbstractContextManager:
+    """``"torch"``: the torch code (as in training); ``"fast"``: the numba kernel ``_fast.<kernel>`` that
+    replaces it without autograd on CPU, checked to be taken (skipped without numba)."""
+    if path == "torch":
+        return _fast.disabled()
+    if _fast.numba is None:
+        pytest.skip("numba not installed")
+    calls, real = [], getattr(_fast, kernel)
+    monkeypatch.setattr(_fast, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    @contextlib.contextmanager
+    def taken():
+        yield
+        assert calls, f"_fast.{kernel} was not used"
+
+    return taken()
+
+
+@pytest.mark.parametrize("path", ["fast", "torch"])
+def test_min_convolution_matches_tutorial_layers_2d(path, monkeypatch):
     """The tutorial's 2D layer sequence: ReplicationPad2d(5), AvgPool2d(5) x2, MaxPool2d(3) on -cost."""
     cost = torch.rand(1, 11 * 11, 6, 7)
     pad, avg, max_pool = nn.ReplicationPad2d(5), nn.AvgPool2d(5, stride=1), nn.MaxPool2d(3, stride=1)
@@ -67,12 +88,15 @@ def test_min_convolution_matches_tutorial_layers_2d():
     per_voxel = cost.permute(0, 2, 3, 1).reshape(1, -1, 11, 11)
     reference = -minconv(-per_voxel)
     reference = reference.permute(0, 2, 3, 1).reshape(1, 121, 6, 7)
-    torch.testing.assert_close(approximate_min_convolution(cost, 5, 3), reference)
+    with _path(path, monkeypatch, "min_convolution"):
+        torch.testing.assert_close(approximate_min_convolution(cost, 5, 3), reference)
 
 
-def test_min_convolution_brute_force_3d():
+@pytest.mark.parametrize("path", ["fast", "torch"])
+def test_min_convolution_brute_force_3d(path, monkeypatch):
     cost = torch.rand(2, 5**3, 3, 2, 2, dtype=torch.float64)
-    out = approximate_min_convolution(cost, avg_kernel=3, min_kernel=3)
+    with _path(path, monkeypatch, "min_convolution"):
+        out = approximate_min_convolution(cost, avg_kernel=3, min_kernel=3)
     grid = cost.numpy().reshape(2, 5, 5, 5, 3, 2, 2)
     pad = 2 + 1
     ref = np.empty_like(grid)
@@ -97,9 +121,11 @@ def test_min_convolution_brute_force_3d():
     torch.testing.assert_close(out, torch.from_numpy(ref.reshape(2, 125, 3, 2, 2)))
 
 
-def test_mean_field_matches_scipy_uniform_filter_interior():
+@pytest.mark.parametrize("path", ["fast", "torch"])
+def test_mean_field_matches_scipy_uniform_filter_interior(path, monkeypatch):
     cost = torch.rand(1, 4, 20, 21)
-    out = mean_field_smoothing(cost, kernel=5, iterations=3)
+    with _path(path, monkeypatch, "mean_field"):
+        out = mean_field_smoothing(cost, kernel=5, iterations=3)
     ref = cost.numpy()
     for _ in range(3):
         ref = ndimage.uniform_filter(ref, size=(1, 1, 5, 5), mode="nearest")
@@ -304,3 +330,23 @@ def test_short_training_on_labelled_brain_slices_beats_identity(shared_data):
         optimiser.step()
     trained = _mean_dice(net.eval(), held_images, held_labels, evaluation_labels)
     assert trained > identity + 0.02, (identity, trained)
+
+
+@pytest.mark.skipif(_fast.numba is None, reason="numba not installed")
+def test_inference_kernels_equal_the_training_code_3d():
+    """Without autograd on CPU the cost volume, min-convolution and mean-field smoothing run as numba kernels;
+    they give the torch code's numbers (the two regularisers bit for bit: the same additions in the same
+    order), and the network's output is the same either way."""
+    cost = torch.rand(2, 7**3, 6, 5, 7)
+    for fn in (lambda c: approximate_min_convolution(c, 3, 3), lambda c: mean_field_smoothing(c, 3, 2)):
+        with _fast.disabled():
+            reference = fn(cost)
+        assert torch.equal(fn(cost), reference)
+    net = DiscreteCorrNet(spatial_dims=3, in_channels=1, radius=2, stride=2, hidden_channels=[8]).eval()
+    fixed, moving = torch.rand(1, 1, 12, 10, 14), torch.rand(1, 1, 12, 10, 14)
+    with torch.no_grad():
+        out = net(fixed, moving)
+        with _fast.disabled():
+            ref = net(fixed, moving)
+    torch.testing.assert_close(out["ddf"], ref["ddf"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["probabilities"], ref["probabilities"], rtol=1e-5, atol=1e-6)

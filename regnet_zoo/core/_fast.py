@@ -40,7 +40,18 @@ try:  # optional: without numba every call falls back to plain torch
 except ImportError:  # pragma: no cover - exercised only where numba is absent
     numba = None
 
-__all__ = ["available", "applies", "sample", "integrate", "disabled", "box_sum"]
+__all__ = [
+    "available",
+    "applies",
+    "applies_no_grad",
+    "sample",
+    "integrate",
+    "disabled",
+    "box_sum",
+    "min_convolution",
+    "mean_field",
+    "correlation",
+]
 
 _ENV = "REGNET_ZOO_FAST"
 _MAX_PARTS = 16  # slabs (private scatter buffers) per batch element in the backward pass
@@ -78,6 +89,12 @@ def applies(image: Tensor, points: Tensor) -> bool:
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
     return image.layout == torch.strided and points.layout == torch.strided
+
+
+def applies_no_grad(x: Tensor) -> bool:
+    """Whether a forward-only kernel (:func:`box_sum`, :func:`min_convolution`) may replace torch code on
+    ``x``: :func:`applies`' conditions, and no gradient to be recorded for ``x``."""
+    return applies(x, x) and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -346,20 +363,25 @@ if numba is not None:
                 lo[q], hi[q] = int(first) * unit, (int(last) + 1) * unit
 
     @_pjit
-    def _scatter(pts, gout, buf, off, lo, hi, ishape, pshape, oshape, nparts, relative, zeros, nearest):
-        """Gradient w.r.t. the image: scatter ``gout`` into the slab buffers ``buf`` (slab ``q``, channel
-        ``c`` at ``off[q] + c * (hi[q] - lo[q])``, zeroed here; one slab per worker, so no races). The adds
-        are done in the buffer's dtype: float64 adds into a float32 buffer were ~15 % slower."""
+    def _scatter(pts, gout, buf, base, stride, lo, sel, zero, ishape, pshape, oshape, nparts, relative, zeros,
+                 nearest):  # fmt: skip
+        """Gradient w.r.t. the image: scatter ``gout`` of the slabs ``q`` in ``sel`` (in parallel) into
+        ``buf``, channel ``c`` of flat image offset ``o`` at ``base[q] + c * stride[q] + o``: a slab's private
+        buffer (``zero``: cleared here first; ``base = offset - lo``, ``stride = hi - lo``) or, for slabs
+        whose windows are disjoint, the gradient itself.
+        No two slabs of one call write the same element, so there are no races. The adds are done in the
+        buffer's dtype: float64 adds into a float32 buffer were ~15 % slower."""
         _, nc, _, _, _ = ishape
         bp_n, nd = pshape[0], pshape[1]
         nb, _, td, th, tw = oshape
         vt, rows = td * th * tw, td * th
-        for q in prange(nb * nparts):
+        for s in prange(len(sel)):
+            q = sel[s]
             b, p = q // nparts, q % nparts
             bp = b if bp_n > 1 else 0
-            qlen = hi[q] - lo[q]
-            qoff = off[q] - lo[q]  # buffer index of flat image offset 0 of channel 0
-            buf[off[q] : off[q] + nc * qlen] = 0.0
+            qb, qs = base[q], stride[q]
+            if zero:  # a private buffer: the window [lo, lo + stride) of each channel
+                buf[qb + lo[q] : qb + lo[q] + nc * qs] = 0.0
             for r in range(p * rows // nparts, (p + 1) * rows // nparts):
                 k, j = r // th, r % th
                 pbase = bp * nd * vt + r * tw
@@ -370,7 +392,7 @@ if numba is not None:
                     )
                     for c in range(nc):
                         go = np.float64(gout[np.uint64(obase + c * vt + i)])
-                        gb = qoff + c * qlen
+                        gb = qb + c * qs
                         if nearest:
                             buf[np.uint64(gb + r00 + x0)] += _like(wz0 * wy0 * wx0 * go, buf)
                         else:
@@ -450,6 +472,140 @@ if numba is not None:
                 dst[base + i] = acc
 
 
+    @_pjit
+    def _min_convolution(src, dst, nb, nd, side, nvox, avg, mink, block):
+        """Per voxel of flat ``(B, L, V)`` costs (``L = side**nd`` displacements): replicate pad, two valid
+        ``avg``-wide box means and one ``mink``-wide box minimum over the displacement grid, as
+        ``filters.approximate_min_convolution`` (same order of additions, in the array's dtype).
+        ``block`` consecutive voxels share a task and sit innermost in its buffer (vectorised)."""
+        pad = (avg - 1) + (mink - 1) // 2
+        n = side + 2 * pad
+        n0, s0 = (n, side) if nd == 3 else (1, 1)
+        num = side**nd
+        scale = _like(avg, src)
+        nblk = (nvox + block - 1) // block
+        for task in prange(nb * nblk):
+            b, v0 = task // nblk, (task % nblk) * block
+            w = min(block, nvox - v0)
+            buf = np.empty((n0, n, n, block), src.dtype)
+            for z in range(n0):
+                zz = min(max(z - pad, 0), s0 - 1)
+                for y in range(n):
+                    yy = min(max(y - pad, 0), side - 1)
+                    for x in range(n):
+                        xx = min(max(x - pad, 0), side - 1)
+                        base = (b * num + (zz * side + yy) * side + xx) * nvox + v0
+                        for v in range(w):
+                            buf[z, y, x, v] = src[base + v]
+            ez, ey, ex = n0, n, n
+            for rnd in range(3):  # two box means, then the box minimum; axes in the order z, y, x
+                k = avg if rnd < 2 else mink
+                for axis in range(3 - nd, 3):
+                    dz, dy, dx = axis == 0, axis == 1, axis == 2
+                    ez, ey, ex = ez - dz * (k - 1), ey - dy * (k - 1), ex - dx * (k - 1)
+                    for z in range(ez):  # in place: output i reads inputs i .. i + k - 1, not yet overwritten
+                        for y in range(ey):
+                            for x in range(ex):
+                                out = buf[z, y, x]  # the block's voxels: innermost loops vectorise
+                                for t in range(1, k):
+                                    src_t = buf[z + dz * t, y + dy * t, x + dx * t]
+                                    if rnd < 2:
+                                        for v in range(w):
+                                            out[v] = out[v] + src_t[v]
+                                    else:
+                                        for v in range(w):
+                                            out[v] = min(out[v], src_t[v])
+                                if rnd < 2:
+                                    for v in range(w):
+                                        out[v] = out[v] / scale
+            for z in range(ez):
+                for y in range(ey):
+                    for x in range(ex):
+                        base = (b * num + (z * side + y) * side + x) * nvox + v0
+                        for v in range(w):
+                            dst[base + v] = buf[z, y, x, v]
+
+
+    @_pjit
+    def _mean_field(src, dst, lines, sd, sh, sw, kernel, iterations):
+        """Per channel of flat ``(lines, sd, sh, sw)`` volumes: replicate pad by ``p = iterations * (kernel -
+        1) // 2``, then ``iterations`` valid box means along z, y, x (``sd == 1``: y, x only), as
+        ``filters.mean_field_smoothing`` (same order of additions, in the array's dtype), in one
+        cache-sized buffer per channel instead of passes over the whole padded volume."""
+        pad = iterations * ((kernel - 1) // 2)
+        nz = sd + 2 * pad if sd > 1 else 1
+        ny, nx = sh + 2 * pad, sw + 2 * pad
+        scale = _like(kernel, src)
+        for line in prange(lines):
+            buf = np.empty((nz, ny, nx), src.dtype)
+            for z in range(nz):
+                zz = min(max(z - pad, 0), sd - 1) if sd > 1 else 0
+                for y in range(ny):
+                    row = ((line * sd + zz) * sh + min(max(y - pad, 0), sh - 1)) * sw
+                    for x in range(nx):
+                        buf[z, y, x] = src[row + min(max(x - pad, 0), sw - 1)]
+            tmp = np.empty(nx, src.dtype)
+            ez, ey, ex = nz, ny, nx
+            for _ in range(iterations):
+                for axis in range(0 if sd > 1 else 1, 3):
+                    dz, dy, dx = axis == 0, axis == 1, axis == 2
+                    ez, ey, ex = ez - dz * (kernel - 1), ey - dy * (kernel - 1), ex - dx * (kernel - 1)
+                    for z in range(ez):  # rows vectorised; z, y in place (later rows are read, not written)
+                        for y in range(ey):
+                            row = buf[z, y]
+                            if dx:
+                                for x in range(ex):
+                                    tmp[x] = row[x]
+                                for t in range(1, kernel):
+                                    for x in range(ex):
+                                        tmp[x] = tmp[x] + row[x + t]
+                                for x in range(ex):
+                                    row[x] = tmp[x] / scale
+                            else:
+                                for t in range(1, kernel):
+                                    other = buf[z + dz * t, y + dy * t]
+                                    for x in range(ex):
+                                        row[x] = row[x] + other[x]
+                                for x in range(ex):
+                                    row[x] = row[x] / scale
+            for z in range(ez):
+                for y in range(ey):
+                    row = ((line * sd + z) * sh + y) * sw
+                    for x in range(ex):
+                        dst[row + x] = buf[z, y, x]
+
+    @_pjit
+    def _correlation(fix, pad, out, offs, nb, nc, sd, sh, sw, pd, ph, pw, rz, ry, rx, dot):
+        """``out[b, l, z, y, x]``: the sum over channels of ``(fix[b, c, z, y, x] - pad[b, c, z + rz + dz_l,
+        y + ry + dy_l, x + rx + dx_l])**2`` (``dot``: the mean of the products) for flat ``fix``
+        ``(B, C, sd, sh, sw)`` and ``pad`` (moving, padded by ``(rz, ry, rx)``), offsets ``offs`` ``(L, 3)``;
+        one output row at a time, vectorised along x."""
+        nl = offs.shape[0]
+        vs, ps = sd * sh * sw, pd * ph * pw
+        inv = _like(1.0 / nc, fix)
+        for task in prange(nb * nl * sd):
+            b, l, z = task // (nl * sd), (task // sd) % nl, task % sd
+            dz, dy, dx = offs[l, 0], offs[l, 1], offs[l, 2]
+            for y in range(sh):
+                ob = ((b * nl + l) * sd + z) * sh * sw + y * sw
+                orow = out[ob : ob + sw]
+                orow[:] = 0.0
+                for c in range(nc):
+                    fb = (b * nc + c) * vs + (z * sh + y) * sw
+                    pb = (b * nc + c) * ps + ((z + rz + dz) * ph + y + ry + dy) * pw + rx + dx
+                    frow = fix[fb : fb + sw]
+                    prow = pad[pb : pb + sw]
+                    if dot:
+                        for x in range(sw):
+                            orow[x] += frow[x] * prow[x]
+                    else:
+                        for x in range(sw):
+                            d = frow[x] - prow[x]
+                            orow[x] += d * d
+                if dot:
+                    for x in range(sw):
+                        orow[x] *= inv
+
 def _shape5(shape) -> tuple[int, int, int, int, int]:
     """``(B, C, D, H, W)`` of a 2D ``(B, C, H, W)`` (depth 1) or 3D shape."""
     return tuple(shape) if len(shape) == 5 else (shape[0], shape[1], 1, shape[2], shape[3])
@@ -519,20 +675,58 @@ class _Call:
                         if c0 > 0:
                             grad_pts += part
             if need_img:
-                nslabs = self.nb * nparts
-                lo, hi = np.zeros(nslabs, np.int64), np.zeros(nslabs, np.int64)
-                _windows(_flat(self.points), ishape, pshape, oshape, nparts, relative, lo, hi)
-                sizes = (hi - lo) * ishape[1]
-                off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-                buf = np.empty(int(sizes.sum()), self.image.numpy().dtype)
-                _scatter(_flat(self.points), _flat(grad_out), buf, off, lo, hi, ishape, pshape, oshape,
-                         nparts, relative, zeros, nearest)  # fmt: skip
-                unit = ishape[3] * ishape[4] if ishape[2] > 1 else ishape[4]  # as in _windows
-                target = grad_pts if scatter_into_pts else torch.empty_like(self.image)
-                _reduce(buf, off, lo, hi, _flat(target), ishape, nslabs, nparts, ishape[0], unit,
-                        scatter_into_pts)  # fmt: skip
-                grad_image = None if scatter_into_pts else target
+                grad_image = self._scatter_image(grad_out, grad_pts if scatter_into_pts else None, nparts)
+                if scatter_into_pts:
+                    grad_image = None
         return grad_image, grad_pts
+
+    def _scatter_image(self, grad_out: Tensor, into: Tensor | None, nparts: int) -> Tensor:
+        """The image gradient (added into ``into`` when given). The output rows are cut into two slabs per
+        worker; when the image windows of every other slab are disjoint (displacements smaller than a slab),
+        the slabs scatter straight into the gradient in two rounds; else each into a private buffer, and a
+        reduction adds the buffers up. Caller holds ``_LOCK``."""
+        relative, _, zeros, nearest = self.flags
+        ishape, pshape, oshape = self._shapes()
+        bi_n, nc = ishape[0], ishape[1]
+        vs = ishape[2] * ishape[3] * ishape[4]
+        nparts = 2 * nparts
+        nslabs = self.nb * nparts
+        lo, hi = np.zeros(nslabs, np.int64), np.zeros(nslabs, np.int64)
+        _windows(_flat(self.points), ishape, pshape, oshape, nparts, relative, lo, hi)
+        rounds = _disjoint_rounds(lo, hi, nparts) if bi_n == self.nb else None
+        args = (ishape, pshape, oshape, nparts, relative, zeros, nearest)
+        if rounds is not None:
+            target = torch.zeros_like(self.image) if into is None else into
+            base = (np.arange(nslabs, dtype=np.int64) // nparts) * nc * vs
+            stride = np.full(nslabs, vs, np.int64)
+            for sel in rounds:
+                _scatter(_flat(self.points), _flat(grad_out), _flat(target), base, stride, lo, sel, False,
+                         *args)  # fmt: skip
+            return target
+        sizes = (hi - lo) * nc
+        off = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        buf = np.empty(int(sizes.sum()), self.image.numpy().dtype)
+        sel = np.arange(nslabs, dtype=np.int64)
+        _scatter(_flat(self.points), _flat(grad_out), buf, off - lo, hi - lo, lo, sel, True, *args)
+        unit = ishape[3] * ishape[4] if ishape[2] > 1 else ishape[4]  # as in _windows
+        target = torch.empty_like(self.image) if into is None else into
+        _reduce(buf, off, lo, hi, _flat(target), ishape, nslabs, nparts, bi_n, unit, into is not None)
+        return target
+
+
+def _disjoint_rounds(lo: np.ndarray, hi: np.ndarray, nparts: int) -> list[np.ndarray] | None:
+    """Slabs ``q = b * nparts + p`` in two rounds (even ``p``, odd ``p``) when, within each batch element and
+    round, their image windows ``[lo, hi)`` do not overlap; else ``None``."""
+    rounds = []
+    for parity in (0, 1):
+        sel = np.flatnonzero(np.arange(len(lo)) % nparts % 2 == parity)
+        for b in range(len(lo) // nparts):
+            mine = sel[(sel // nparts == b) & (hi[sel] > lo[sel])]
+            order = mine[np.argsort(lo[mine], kind="stable")]
+            if np.any(hi[order[:-1]] > lo[order[1:]]):
+                return None
+        rounds.append(sel.astype(np.int64))
+    return rounds
 
 
 class _SampleFunction(torch.autograd.Function):
@@ -646,3 +840,52 @@ def box_sum(x: Tensor, kernel_size: int, dims: int) -> Tensor:
             spare = src if axis > src.ndim - dims else None  # never write into the input
             src = dst
     return src
+
+
+def min_convolution(cost: Tensor, spatial_dims: int, avg_kernel: int, min_kernel: int, block: int = 128
+                    ) -> Tensor:  # fmt: skip
+    """Approximate min-convolution of ``cost`` ``(B, L, *S)`` over its ``L = K**spatial_dims`` displacements
+    (``filters.approximate_min_convolution``, the same arithmetic as its torch code) voxel by voxel, without
+    that code's padded ``(B, *(K + 2 p,) * N, *S)`` copy of the volume. No autograd; call where
+    :func:`applies_no_grad` is true."""
+    side = round(cost.shape[1] ** (1.0 / spatial_dims))
+    src = cost.detach().contiguous()
+    out = torch.empty_like(src)
+    nvox = src[0, 0].numel()
+    with _LOCK:
+        _threads()
+        _min_convolution(_flat(src), _flat(out), src.shape[0], spatial_dims, side, nvox, avg_kernel,
+                         min_kernel, min(block, nvox))  # fmt: skip
+    return out
+
+
+def mean_field(cost: Tensor, spatial_dims: int, kernel: int, iterations: int) -> Tensor:
+    """``filters.mean_field_smoothing`` of ``cost`` ``(B, L, *S)`` (the same arithmetic as its torch code),
+    channel by channel. No autograd; call where :func:`applies_no_grad` is true."""
+    src = cost.detach().contiguous()
+    out = torch.empty_like(src)
+    sd, sh, sw = _shape5(src.shape)[2:] if spatial_dims == 3 else (1, *src.shape[2:])
+    with _LOCK:
+        _threads()
+        _mean_field(_flat(src), _flat(out), src.shape[0] * src.shape[1], sd, sh, sw, kernel, iterations)
+    return out
+
+
+def correlation(fixed: Tensor, padded: Tensor, offsets: Tensor, radius: int, dot: bool) -> Tensor:
+    """``correlation.correlation_volume`` of ``fixed`` ``(B, C, *S)`` against ``padded`` (moving padded by
+    ``radius`` on every spatial side) at ``offsets`` ``(L, N)``: ``(B, L, *S)``, one output row at a time,
+    without the chunks of shifted copies. No autograd; call where :func:`applies_no_grad` is true for both."""
+    fix, pad = fixed.detach().contiguous(), padded.detach().contiguous()
+    b, c, *size = fix.shape
+    nd = len(size)
+    sd, sh, sw = _shape5(fix.shape)[2:]
+    pd, ph, pw = _shape5(pad.shape)[2:]
+    offs = torch.zeros(offsets.shape[0], 3, dtype=torch.int64)
+    offs[:, 3 - nd :] = offsets.to(torch.int64)
+    out = torch.empty(b, offsets.shape[0], *size, dtype=fix.dtype)
+    rz = radius if nd == 3 else 0
+    with _LOCK:
+        _threads()
+        _correlation(_flat(fix), _flat(pad), _flat(out), offs.numpy(), b, c, sd, sh, sw, pd, ph, pw, rz,
+                     radius, radius, bool(dot))  # fmt: skip
+    return out

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from regnet_zoo.core import _fast
+
 __all__ = [
     "displacement_set",
     "correlation_volume",
@@ -142,8 +144,11 @@ def correlation_volume(
         raise ValueError(f"metric must be one of {_METRICS}, got {metric!r}")
     offsets = displacement_set(radius, spatial_dims, step).tolist()
     b, c, *size = fixed_feat.shape
-    chunk = _auto_chunk(chunk_size, len(offsets), b * c * math.prod(size))
     padded = _pad(moving_feat, radius, padding_mode)
+    if spatial_dims > 1 and _fast.applies_no_grad(fixed_feat) and _fast.applies_no_grad(padded):
+        # inference on CPU: one output row at a time, no (B, chunk, C, *S) blocks of shifted copies
+        return _fast.correlation(fixed_feat, padded, torch.tensor(offsets), radius, metric == "dot")
+    chunk = _auto_chunk(chunk_size, len(offsets), b * c * math.prod(size))
     parts = _run_chunks(_cost_chunk, len(offsets), chunk, (fixed_feat, padded), offsets, radius, metric)
     return torch.cat(parts, dim=1)
 

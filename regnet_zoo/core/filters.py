@@ -1,14 +1,25 @@
-"""Box (moving-average) filters of images and fields ``(B, C, *S)``, differentiable, 2D and 3D."""
+"""Box (moving-average) filters of images and fields ``(B, C, *S)``, differentiable, 2D and 3D; and the
+weightless regularisers of a dense cost volume ``(B, L, *S)`` (discrete registration): a min-convolution over
+its displacement grid and mean-field smoothing over space."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from regnet_zoo.core import _fast
+from regnet_zoo.core.padding import replicate_pad
 
-__all__ = ["box_sum", "box_mean"]
+__all__ = [
+    "box_sum",
+    "box_mean",
+    "approximate_min_convolution",
+    "mean_field_smoothing",
+    "displacement_grid_side",
+]
 
 
 class _BoxSum(torch.autograd.Function):
@@ -45,3 +56,64 @@ def box_mean(x: Tensor, kernel_size: int) -> Tensor:
     padded = F.pad(x, (r, r) * (x.ndim - 2), mode="replicate")
     crop = (slice(None), slice(None)) + tuple(slice(r, r + n) for n in x.shape[2:])
     return box_sum(padded, kernel_size)[crop] / float(kernel_size ** (x.ndim - 2))
+
+
+def displacement_grid_side(num_displacements: int, spatial_dims: int) -> int:
+    """``K`` with ``K**spatial_dims == num_displacements`` (odd): the side of a dense displacement grid."""
+    num_displacements = int(num_displacements)  # a tensor while tracing
+    side = round(num_displacements ** (1.0 / spatial_dims))
+    if side**spatial_dims != num_displacements or side % 2 == 0:
+        raise ValueError(f"{num_displacements} displacements are not an odd cube/square in {spatial_dims}D")
+    return side
+
+
+def _box(x: Tensor, dims: Sequence[int], kernel: int, mode: str) -> Tensor:
+    """Valid (unpadded) stride-1 box mean or max with a ``kernel``-wide window along each of ``dims``.
+
+    Separable, by shifted slices: ``len(dims) * kernel`` operations per element on the tensor as laid out
+    (no permutation of the ~1000-channel 3D cost volume), the same result as ``avg_pool``/``max_pool``.
+    """
+    if kernel == 1:
+        return x
+    for dim in dims:
+        size = x.shape[dim] - kernel + 1
+        out = x.narrow(dim, 0, size)
+        for shift in range(1, kernel):
+            window = x.narrow(dim, shift, size)
+            out = out + window if mode == "mean" else torch.maximum(out, window)
+        x = out / kernel if mode == "mean" else out
+    return x
+
+
+def approximate_min_convolution(cost: Tensor, avg_kernel: int = 5, min_kernel: int = 3) -> Tensor:
+    """Approximate min-convolution over the displacement dimensions of ``cost`` ``(B, L, *S)`` (same shape).
+
+    Per voxel the costs form an image over the displacement grid ``(K,)*N`` (``L = K**N``, offsets in
+    ``displacement_set`` order); it is replicate-padded, smoothed by two ``avg_kernel`` box means and eroded
+    by a ``min_kernel`` box minimum, as the tutorial's ``pad(5), avg(5), avg(5), max(3)`` on the negated cost:
+    a cheap lower envelope that lets neighbouring displacements support each other (deeds' displacement
+    compatibility).
+    """
+    b, num, *size = cost.shape  # b and size stay traced values in a TorchScript export
+    spatial_dims = len(size)
+    side = displacement_grid_side(num, spatial_dims)
+    if _fast.applies_no_grad(cost):  # inference on CPU: voxel by voxel, no padded copy of the whole volume
+        return _fast.min_convolution(cost, spatial_dims, avg_kernel, min_kernel)
+    pad = (avg_kernel - 1) + (min_kernel - 1) // 2
+    displacement_dims = list(range(1, spatial_dims + 1))
+    x = replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
+    x = _box(_box(x, displacement_dims, avg_kernel, "mean"), displacement_dims, avg_kernel, "mean")
+    x = -_box(-x, displacement_dims, min_kernel, "max")
+    return x.reshape(b, num, *size)
+
+
+def mean_field_smoothing(cost: Tensor, kernel: int = 5, iterations: int = 3) -> Tensor:
+    """Mean-field-like spatial smoothing: ``iterations`` box means (``kernel``, stride 1) of every
+    displacement channel of ``cost`` ``(B, L, *S)`` after replicate padding (same shape)."""
+    if _fast.applies_no_grad(cost):  # inference on CPU: channel by channel, no padded copy of the volume
+        return _fast.mean_field(cost, cost.ndim - 2, kernel, iterations)
+    spatial = list(range(2, cost.ndim))
+    x = replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
+    for _ in range(iterations):
+        x = _box(x, spatial, kernel, "mean")
+    return x

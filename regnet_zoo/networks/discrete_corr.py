@@ -32,6 +32,7 @@ from monai.networks.blocks import Convolution
 from torch import nn
 
 from regnet_zoo.core.correlation import correlation_volume, displaced_sum, displacement_set
+from regnet_zoo.core.filters import approximate_min_convolution, displacement_grid_side, mean_field_smoothing
 from regnet_zoo.core.losses import (
     diffusion_loss,
     global_ncc,
@@ -42,7 +43,7 @@ from regnet_zoo.core.losses import (
     soft_dice_loss,
     warped_label_dice_loss,
 )
-from regnet_zoo.core.padding import pad_to_multiple, replicate_pad
+from regnet_zoo.core.padding import pad_to_multiple
 from regnet_zoo.core.pyramid import pool_to_grid, upsample_coarse_ddf
 from regnet_zoo.core.spatial import warp_image
 from regnet_zoo.networks.pair import split_pair
@@ -138,62 +139,6 @@ class IdentityFeatures(nn.Module):
 # ------------------------------------------------------------------------------------------------------------
 # regularisation of the cost volume (no weights)
 # ------------------------------------------------------------------------------------------------------------
-def _grid_side(num_displacements: int, spatial_dims: int) -> int:
-    num_displacements = int(num_displacements)  # a tensor while tracing
-    side = round(num_displacements ** (1.0 / spatial_dims))
-    if side**spatial_dims != num_displacements or side % 2 == 0:
-        raise ValueError(f"{num_displacements} displacements are not an odd cube/square in {spatial_dims}D")
-    return side
-
-
-def _box(x: torch.Tensor, dims: Sequence[int], kernel: int, mode: str) -> torch.Tensor:
-    """Valid (unpadded) stride-1 box mean or max with a ``kernel``-wide window along each of ``dims``.
-
-    Separable, by shifted slices: ``len(dims) * kernel`` operations per element on the tensor as laid out
-    (no permutation of the ~1000-channel 3D cost volume), the same result as ``avg_pool``/``max_pool``.
-    """
-    if kernel == 1:
-        return x
-    for dim in dims:
-        size = x.shape[dim] - kernel + 1
-        out = x.narrow(dim, 0, size)
-        for shift in range(1, kernel):
-            window = x.narrow(dim, shift, size)
-            out = out + window if mode == "mean" else torch.maximum(out, window)
-        x = out / kernel if mode == "mean" else out
-    return x
-
-
-def approximate_min_convolution(cost: torch.Tensor, avg_kernel: int = 5, min_kernel: int = 3) -> torch.Tensor:
-    """Approximate min-convolution over the displacement dimensions of ``cost`` ``(B, L, *S)`` (same shape).
-
-    Per voxel the costs form an image over the displacement grid ``(K,)*N`` (``L = K**N``, offsets in
-    ``displacement_set`` order); it is replicate-padded, smoothed by two ``avg_kernel`` box means and eroded
-    by a ``min_kernel`` box minimum, as the tutorial's ``pad(5), avg(5), avg(5), max(3)`` on the negated cost:
-    a cheap lower envelope that lets neighbouring displacements support each other (deeds' displacement
-    compatibility).
-    """
-    b, num, *size = cost.shape  # b and size stay traced values in a TorchScript export
-    spatial_dims = len(size)
-    side = _grid_side(num, spatial_dims)
-    pad = (avg_kernel - 1) + (min_kernel - 1) // 2
-    displacement_dims = list(range(1, spatial_dims + 1))
-    x = replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
-    x = _box(_box(x, displacement_dims, avg_kernel, "mean"), displacement_dims, avg_kernel, "mean")
-    x = -_box(-x, displacement_dims, min_kernel, "max")
-    return x.reshape(b, num, *size)
-
-
-def mean_field_smoothing(cost: torch.Tensor, kernel: int = 5, iterations: int = 3) -> torch.Tensor:
-    """Mean-field-like spatial smoothing: ``iterations`` box means (``kernel``, stride 1) of every
-    displacement channel of ``cost`` ``(B, L, *S)`` after replicate padding (same shape)."""
-    spatial = list(range(2, cost.ndim))
-    x = replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
-    for _ in range(iterations):
-        x = _box(x, spatial, kernel, "mean")
-    return x
-
-
 def expected_displacement(probabilities: torch.Tensor, radius: int) -> torch.Tensor:
     """``sum_l p_l(x) d_l``: probabilities ``(B, L, *S)`` over ``displacement_set(radius, N)`` ->
     ``(B, N, *S)`` in voxels of the same grid."""
@@ -397,7 +342,7 @@ class DiscreteCorrLoss(nn.Module):
 
     def _nonlocal_term(self, probabilities: torch.Tensor, fixed_onehot, moving_onehot) -> torch.Tensor:
         spatial_dims = probabilities.ndim - 2
-        radius = (_grid_side(probabilities.shape[1], spatial_dims) - 1) // 2
+        radius = (displacement_grid_side(probabilities.shape[1], spatial_dims) - 1) // 2
         grid = probabilities.shape[2:]
         stride = _grid_stride(fixed_onehot.shape[2:], grid)
         origin = (stride - 1) / 2 if self.feature_origin == "block" else float(self.feature_origin)
