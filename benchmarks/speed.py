@@ -4,7 +4,8 @@
 - ``core``: the core operations against MONAI's (below);
 - ``methods``: each network's registration (the inference path of ``register``: batch norm folded,
   ``inference_mode``), time, peak memory and Dice of the OASIS labels; RegNet also in its ``interpolate``
-  dense mode (``regnet_interpolate``);
+  dense mode (``regnet_interpolate``); the forward pass's GFLOP (``torch.utils.flop_counter`` on the meta
+  device) and the rate the run sustained, beside one large 3D convolution's rate on the same device;
 - ``training``: training iterations per second at ``--train-size`` (the bundle's network, loss and Adam);
 - ``instance``: instance optimisation per pair (``--steps``), coarse to fine and the full-resolution loop at
   equal steps (time, peak memory, Dice);
@@ -46,6 +47,7 @@ Writes ``benchmarks/results/speed.json`` and ``speed.md`` (``--out`` stem).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -404,9 +406,26 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
+def forward_gflop(network: torch.nn.Module, size: tuple[int, ...]) -> float | None:
+    """Floating-point operations (GFLOP; a multiply-add counts 2) of one forward pass at ``size``, counted by
+    ``torch.utils.flop_counter`` on a copy on the meta device (no data, no time): convolutions and matrix
+    products, which is where these networks' work lies. ``None`` where a network does not run on meta."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        meta = copy.deepcopy(network).to("meta")
+        image = torch.empty(1, 1, *size, device="meta")
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            meta(image, image)
+        return round(counter.get_total_flops() / 1e9, 3)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
 def _method_row(args, device, pair: dict, size: tuple[int, ...], method: str) -> dict:
     fixed, moving = pair["fixed"].to(device), pair["moving"].to(device)
     network, weights = bundle_network(method, device)
+    gflop = forward_gflop(network, size)
 
     def forward():
         with torch.inference_mode(), _amp(args, device):
@@ -424,8 +443,10 @@ def _method_row(args, device, pair: dict, size: tuple[int, ...], method: str) ->
         "peak_mib": round(max(r[2] for r in runs) / 2**20, 1),
         "runs": len(runs), "dice": mean_dice(pair, ddf),
         "dice_identity": pair.setdefault("dice_identity", mean_dice(pair, torch.zeros_like(ddf))),
-        "load": _load(),
+        "load": _load(), "gflop": gflop,
     }
+    if gflop is not None:  # the rate the run sustained: how far the time is from the arithmetic alone
+        row["gflop_per_second"] = round(gflop / row["seconds"], 2)
     print(f"methods {'x'.join(map(str, size)):>12} {method:<18} {row['seconds']:8.2f} s "
           f"(cpu {row['cpu_seconds']:.1f} s) peak {row['peak_mib']:.0f} MiB  Dice {row['dice']:.3f}",
           flush=True)
@@ -443,7 +464,26 @@ def section_methods(args, device) -> dict:
             context = {"size": list(size), "method": method}
             rows.append(_attempt(context, _method_row, args, device, pair, size, method))
     sources = {"x".join(map(str, s)): p["source"] for s, p in _pairs(args, device).items()}
-    return {"rows": rows, "pair": sources}
+    return {"rows": rows, "pair": sources, "reference_conv3d": reference_conv3d_rate(device)}
+
+
+def reference_conv3d_rate(device: torch.device, repeats: int = 5) -> dict:
+    """GFLOP/s of one large float32 3D convolution (RegNet's 60 -> 70 channel 3^3 layer on a 40x48x56
+    input; oneDNN / cuDNN, after a warm-up, median): a yardstick for the networks' GFLOP/s."""
+    layer = torch.nn.Conv3d(60, 70, 3).to(device).eval()
+    x = torch.rand(1, 60, 40, 48, 56, device=device)
+    gflop = 2 * 60 * 70 * 27 * 38 * 46 * 54 / 1e9
+    with torch.inference_mode():
+        layer(x)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            layer(x)
+            _sync(device)
+            times.append(time.perf_counter() - start)
+    return {"layer": "Conv3d(60, 70, 3) on 1x60x40x48x56", "gflop": round(gflop, 2),
+            "gflop_per_second": round(gflop / statistics.median(times), 1)}
 
 
 def _training_batch(pair: dict, device: torch.device) -> dict:
@@ -821,12 +861,21 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _md_methods(sec: dict) -> list[str]:
-    header = ["size", "method", "weights", "seconds", "CPU seconds", "peak MiB", "Dice (identity)"]
-    return _table(header, [
+    header = ["size", "method", "weights", "seconds", "CPU seconds", "peak MiB", "Dice (identity)", "GFLOP",
+              "GFLOP/s"]  # fmt: skip
+    lines = _table(header, [
         [_size(r), r["method"], r["weights"], f"{r['seconds']:.2f}", f"{r['cpu_seconds']:.1f}",
-         f"{r['peak_mib']:.0f}", f"{r['dice']:.3f} ({r['dice_identity']:.3f})"]
+         f"{r['peak_mib']:.0f}", f"{r['dice']:.3f} ({r['dice_identity']:.3f})",
+         f"{r['gflop']:.0f}" if r.get("gflop") is not None else "-",
+         f"{r['gflop_per_second']:.0f}" if r.get("gflop_per_second") is not None else "-"]
         for r in sec["rows"]
     ])
+    rate = sec.get("reference_conv3d")
+    if rate:
+        lines += ["", f"Reference rate of this device on one large 3D convolution ({rate['layer']}, "
+                      f"float32, the run's threads): {rate['gflop_per_second']:.0f} GFLOP/s. A row's GFLOP "
+                      "divided by it is about the least time its arithmetic alone can take here."]
+    return lines
 
 
 def _md_training(sec: dict) -> list[str]:

@@ -80,8 +80,9 @@ def test_dense_inference_equals_patch_network(dims, shape, tile):
     centres = torch.stack([torch.randint(0, s, (25,), generator=gen) for s in shape], 1)
     centres[0] = 0  # corners: context entirely from padding on one side
     centres[1] = torch.tensor(shape) - 1
+    dense_autograd = net(fixed, moving)["ddf"].detach()  # max pooling per phase (the training path)
     with torch.no_grad():
-        dense = net(fixed, moving)["ddf"]
+        dense = net(fixed, moving)["ddf"]  # one block maximum for all phases
         per_patch = net.forward_patches(*extract_patches(fixed, moving, centres))
         net.tile_size = tile
         tiled = net(fixed, moving)["ddf"]
@@ -90,6 +91,7 @@ def test_dense_inference_equals_patch_network(dims, shape, tile):
     at_centres = torch.stack([dense[(0, slice(None), *c)] for c in centres.tolist()])
     assert per_patch.abs().mean() > 1e-3  # a non-trivial network output
     torch.testing.assert_close(at_centres, per_patch, atol=1e-5, rtol=1e-4)
+    assert torch.equal(dense, dense_autograd)
     torch.testing.assert_close(tiled, dense, atol=1e-5, rtol=1e-4)
     even = (slice(None), slice(None)) + (slice(0, None, 2),) * dims
     torch.testing.assert_close(interpolated[even], dense[even], atol=1e-5, rtol=1e-4)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -33,12 +34,31 @@ def test_sections_merge_into_existing_json(tmp_path, monkeypatch):
     assert report["core"] == core["core"] and report["env"] == core["env"]
     (row,) = report["methods"]["rows"]
     assert row["method"] == "bspline_unet" and row["seconds"] > 0 and 0 <= row["dice"] <= 1
+    rate = row["gflop"] / row["seconds"]
+    assert row["gflop"] > 0 and row["gflop_per_second"] == pytest.approx(rate, rel=0.01, abs=0.051)
+    assert report["methods"]["reference_conv3d"]["gflop_per_second"] > 0
     assert "synthetic" in report["methods"]["pair"]["32x32x32"]
     (inst,) = report["instance"]["rows"]
     assert inst["coarse_to_fine_s"] > 0 and inst["full_resolution_s"] > 0
     assert report["instance"]["env"]["device"] == "cpu" and report["instance"]["args"]["steps"] == 4
     md = out.with_suffix(".md").read_text()
     assert "| 32x32x32 | bspline_unet | untrained (random init) |" in md
+
+
+def test_forward_gflop_counts_a_convolution_analytically():
+    class Pair(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 8, 3)
+
+        def forward(self, fixed, moving):
+            return self.conv(torch.cat([fixed, moving], 1))
+
+    # 2 FLOP per multiply-add: 2 * C_in * C_out * 3^3 per output voxel of the valid 18x14x10 output
+    expected = 2 * 2 * 8 * 27 * 18 * 14 * 10 / 1e9
+    assert speed.forward_gflop(Pair(), (20, 16, 12)) == pytest.approx(expected, abs=0.0005)
+    big = 2 * 2 * 8 * 27 * 98 * 98 * 98 / 1e9  # no data is allocated: the count runs on the meta device
+    assert speed.forward_gflop(Pair(), (100, 100, 100)) == pytest.approx(big, abs=0.0005)
 
 
 def test_a_failing_method_is_recorded_not_raised():

@@ -197,7 +197,12 @@ class RegNet(nn.Module):
 
     # --- fully convolutional evaluation ---
     def _phase_output(
-        self, high: torch.Tensor, fixed: torch.Tensor, moving: torch.Tensor, phase: Sequence[int]
+        self,
+        high: torch.Tensor,
+        fixed: torch.Tensor,
+        moving: torch.Tensor,
+        phase: Sequence[int],
+        window_max: torch.Tensor | None = None,
     ):
         """Predictions at the valid-grid voxels ``q = offset + 2 k``, ``offset = 1 - phase`` per axis.
 
@@ -207,7 +212,10 @@ class RegNet(nn.Module):
         start at ``c - 27 ≡ 1 - phase``; block ``k`` aligns with pooled window ``k + 7 - phase``.
         """
         offsets = [1 - p for p in phase]
-        pooled = self.pool(_crop(high, list(phase)))
+        if window_max is None:
+            pooled = self.pool(_crop(high, list(phase)))
+        else:  # the max of every 2^N block of ``high``: this phase's pooling windows are every other one
+            pooled = window_max[(Ellipsis, *[slice(p, None, 2) for p in phase])]
         pooled = _crop(pooled, [7 - p for p in phase])
         if not self.multi_scale:  # the output grid of the multi-scale network, so both variants align
             low_conv_layers = _STEM_LAYERS + _LOW_LAYERS
@@ -246,12 +254,16 @@ class RegNet(nn.Module):
                 self._phase_output(high, fixed, moving, [1] * self.spatial_dims), [0] * len(sizes), coarse
             )
         out = high.new_zeros((fixed.shape[0], self.spatial_dims, *sizes))
+        # without autograd, the 2^N phases' max poolings at once (the same values, ~8x less work); training
+        # keeps max pooling, whose gradient picks one of tied maxima where an elementwise maximum splits it
+        window_max = None if torch.is_grad_enabled() else _block_max(high)
         for phase in itertools.product((0, 1), repeat=self.spatial_dims):
             offsets = [1 - p for p in phase]
             counts = [ceil_div(s - o, 2) for s, o in zip(sizes, offsets, strict=True)]
             if min(counts) < 1:
                 continue
-            predicted = _crop(self._phase_output(high, fixed, moving, phase), [0] * len(counts), counts)
+            predicted = self._phase_output(high, fixed, moving, phase, window_max)
+            predicted = _crop(predicted, [0] * len(counts), counts)
             index = (slice(None), slice(None)) + tuple(slice(o, None, 2) for o in offsets)
             out[index] = predicted
         return out
@@ -320,6 +332,15 @@ class RegNet(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """``params``: ``(B, N, *S)`` DDF -> ``{"ddf", "warped"}``."""
         return {"ddf": params, "warped": warp_image(moving, params)}
+
+
+def _block_max(x: torch.Tensor) -> torch.Tensor:
+    """Max over the ``2^N`` block starting at every voxel of ``x`` ``(B, C, *S)`` -> ``(B, C, *(S - 1))``:
+    a stride-1 max pooling of width 2, as one elementwise maximum per axis."""
+    for dim in range(2, x.dim()):
+        n = x.shape[dim] - 1
+        x = torch.maximum(x.narrow(dim, 0, n), x.narrow(dim, 1, n))
+    return x
 
 
 def _upsample_even_grid(coarse: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
