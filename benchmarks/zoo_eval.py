@@ -344,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         "pairs when the data folder is absent",
     )
     parser.add_argument("--out", default="benchmarks/results/zoo_eval", help="writes <out>.json and <out>.md")
+    parser.add_argument(
+        "--merge",
+        metavar="JSON",
+        help="keep the rows of this earlier run for the (dataset, method) pairs, SimpleITK references "
+        "included, not run now; e.g. after retraining one method: `--methods regnet --merge <its JSON>`",
+    )
     args = parser.parse_args(argv)
     # MONAI's DiffusionLoss indexes with lists (values are right); keep the demo's output readable
     warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
@@ -377,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
             args.instance_similarity,
             args.instance_grid,
         )
+    merged = None
+    if args.merge:
+        rows, merged = merge_rows(json.loads(Path(args.merge).read_text()), rows)
     summary = summarise(rows)
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])])
     records = {p.stem: json.loads(j.read_text()) for p in files if (j := p.with_suffix(".json")).is_file()}
@@ -392,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "rows": rows,
     }
+    if merged:
+        result["merged_from"] = merged
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(json_ready(result), indent=2) + "\n")
@@ -407,12 +418,26 @@ def main(argv: list[str] | None = None) -> int:
         "<= 0.1. Where sitk_bspline does not beat the affine stage itself (its row), reaching it means "
         "little."
     )
+    if merged:
+        header += (f"\n\nRows of {', '.join(merged['methods'])} are kept from the earlier run "
+                   f"`{merged['command']}` ({merged['date']}, {merged['device']}); the time above is this "
+                   "run's alone.")  # fmt: skip
     table = markdown(summary, header)
     out.with_suffix(".md").write_text(table)
     print(table)
     if args.cards:
         write_cards(methods, out.parent)
     return 0
+
+
+def merge_rows(earlier: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict]:
+    """``rows`` plus the rows of an ``earlier`` run (its JSON) for the (dataset, method) pairs this run did
+    not evaluate; and a record of what was kept (command, date, methods)."""
+    now = {(r["dataset"], r["method"]) for r in rows}
+    kept = [r for r in earlier.get("rows", []) if (r["dataset"], r["method"]) not in now]
+    record = {"command": earlier.get("command"), "date": earlier.get("date"), "device": earlier.get("device"),
+              "methods": sorted({r["method"] for r in kept})}  # fmt: skip
+    return kept + rows, record
 
 
 def write_cards(methods: list[str], results: Path | None = None) -> None:

@@ -249,6 +249,21 @@ def test_zoo_eval_summary_and_card_say_where_a_method_loses():
     assert "beats the affine stage on: prostate_mr_us" in card and "prostate_mr_us (20 steps)" in card
 
 
+def test_zoo_eval_merge_keeps_only_the_pairs_not_rerun():
+    """``--merge``: after retraining one method, its new rows replace its old ones dataset by dataset; the
+    other methods' and the SimpleITK references' rows of the earlier run stay (and are recorded)."""
+    zoo_eval = _zoo_eval()
+    old = [{"dataset": d, "method": m, "dice": 0.1} for d in ("head2d", "hands2d")
+           for m in ("regnet", "pwc", "sitk_bspline")]  # fmt: skip
+    earlier = {"command": "python zoo_eval.py", "date": "2026-11-26", "device": "CPU", "rows": old}
+    new = [{"dataset": "head2d", "method": "regnet", "dice": 0.9}]
+    rows, record = zoo_eval.merge_rows(earlier, new)
+    assert new[0] in rows and len(rows) == 6
+    regnet = {(r["dataset"], r["dice"]) for r in rows if r["method"] == "regnet"}
+    assert regnet == {("head2d", 0.9), ("hands2d", 0.1)}
+    assert record["methods"] == ["pwc", "regnet", "sitk_bspline"] and record["date"] == "2026-11-26"
+
+
 def test_zoo_eval_demo_uses_the_weights_folder_and_writes_cards(made_weights, tmp_path, monkeypatch):
     """`make demo`'s command on the weights of $REGNET_ZOO_PRETRAINED (no training): a real 2D pair (or a
     built-in one without ../shared/data), rows for the method, and --cards writes its card there."""

@@ -54,3 +54,20 @@ def test_per_method_minutes_replace_the_common_budget(tmp_path, capsys):
         with pytest.raises(SystemExit):
             train_zoo.main([*args[:-2], "--minutes", bad, "--out", str(tmp_path / "bad")])
     assert not (tmp_path / "bad").exists()
+
+
+def test_set_overrides_the_bundle_config_and_is_recorded(tmp_path):
+    """``--set KEY=VALUE`` (JSON values) goes on top of the synthetic overrides: RegNet's near-zero last layer
+    (``network_def#output_init_std``, 1e-5 by default for synthetic training) is switched back to PyTorch's
+    default, and the weights record says so."""
+    import train_zoo
+
+    assert train_zoo.SYNTH_OVERRIDES["regnet"]["network_def#output_init_std"] == 1e-5
+    args = ["--methods", "regnet", "--dims", "2", "--max-iterations", "1", "--grid2d", "64", "64"]
+    args += ["--threads", "1", "--set", "network_def#output_init_std=null", "--out", str(tmp_path)]
+    assert train_zoo.main(args) == 0
+    record = json.loads((tmp_path / "regnet_2d.json").read_text())
+    assert record["trained_on"]["loss_overrides"]["network_def#output_init_std"] is None
+    assert record["network"]["args"]["output_init_std"] is None
+    with pytest.raises(SystemExit):
+        train_zoo.main([*args[:-4], "--set", "no_equals_sign", "--out", str(tmp_path / "bad")])

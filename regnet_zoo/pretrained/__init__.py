@@ -156,7 +156,7 @@ def _training_section(method: str, dims: int, folder: Path) -> list[str]:
         _row("working grid", f"{t.get('grid')} (images are resampled to it; min-max normalisation)"),
         _row("iterations x batch", f"{t.get('iterations')} x {t.get('batch_size')} = {t.get('pairs')} pairs"),
         _row("wall time", f"{_fmt(t.get('wall_time_s'), 0)} s, {t.get('device')}, {t.get('threads')} thread"),
-        _row("loss changes for synthetic data", f"`{t.get('loss_overrides')}`"),
+        _row("config changes for synthetic data", f"`{t.get('loss_overrides')}`"),
         _row("final training loss (mean of the last 20 iterations)", _fmt(t.get("final_loss"), 4)),
         _row(f"held-out Dice before -> after ({val.get('pairs')} pairs, seed {val.get('seed')})", dice),
         _row("folding % / SDlogJ", f"{_fmt(val.get('val_folding_percent'))} / {_fmt(val.get('val_sdlogj'))}"),
