@@ -145,7 +145,8 @@ def correlation_volume(
     offsets = displacement_set(radius, spatial_dims, step).tolist()
     b, c, *size = fixed_feat.shape
     padded = _pad(moving_feat, radius, padding_mode)
-    if spatial_dims > 1 and _fast.applies_no_grad(fixed_feat) and _fast.applies_no_grad(padded):
+    fast = _fast.applies_no_grad(fixed_feat) and _fast.applies_no_grad(padded)
+    if spatial_dims > 1 and fast and fixed_feat.dtype == padded.dtype:
         # inference on CPU: one output row at a time, no (B, chunk, C, *S) blocks of shifted copies
         return _fast.correlation(fixed_feat, padded, torch.tensor(offsets), radius, metric == "dot")
     chunk = _auto_chunk(chunk_size, len(offsets), b * c * math.prod(size))
