@@ -208,7 +208,8 @@ def _device_label(device: str) -> str:
     """What timed a row, short: the GPU's name or ``CPU (N threads)``."""
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def _empty_row(method: str, kind: str, status: str, note: str) -> dict[str, Any]:
