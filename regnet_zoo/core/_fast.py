@@ -1,4 +1,6 @@
-"""Fast CPU kernels (numba) for linear / nearest sampling, warping, composition and integration of fields.
+"""Fast CPU kernels (numba) for linear / nearest sampling, warping, composition and integration of fields;
+and forward-only kernels for discrete registration's cost volume: correlation, the min-convolution over
+the displacement grid, mean-field smoothing (used without autograd; training keeps the torch code).
 
 Same semantics as ``torch.nn.functional.grid_sample(..., align_corners=True)`` at voxel coordinates (see
 ``core.spatial``): ``"border"`` clamps coordinates to ``[0, n-1]`` (zero gradient at and beyond the clamp),
@@ -14,9 +16,11 @@ GPU tensors, other dtypes, tracing / compiling, ``REGNET_ZOO_FAST=0``) falls bac
 Scalar arithmetic is done in float64 and stored in the tensor's dtype (the backward's scatter adds in the
 tensor's dtype). Threads: numba uses ``torch.get_num_threads()`` (capped by numba's own limit).
 
-Backward without races: the output rows are split into one slab per worker; each worker scatters the image
-gradient into a private buffer that spans only the image rows its slab samples (found by a cheap pre-pass over
-the coordinates along the slowest axis), and a parallel pass over image rows adds the buffers up.
+Backward without races: the output rows are split into two slabs per worker, and a cheap pre-pass over the
+coordinates along the slowest axis finds the image rows each slab samples (its window). When the windows of
+every other slab are disjoint (displacements smaller than a slab), the even slabs and then the odd ones
+scatter the image gradient straight into it; otherwise each slab scatters into a private buffer spanning its
+window, and a parallel pass over image rows adds the buffers up.
 """
 
 from __future__ import annotations
@@ -428,7 +432,6 @@ if numba is not None:
                 src = off[q] + c * (hi[q] - lo[q]) + u0 - lo[q]
                 gimg[dst : dst + unit] += buf[src : src + unit]
 
-
     @_pjit
     def _box_strided(src, dst, outer, n, inner, r, block):
         """Zero-padded window sums of width ``2r + 1`` along the middle axis of flat ``(outer, n, inner)``
@@ -470,7 +473,6 @@ if numba is not None:
                 if i - r - 1 >= 0:
                     acc -= src[base + i - r - 1]
                 dst[base + i] = acc
-
 
     @_pjit
     def _min_convolution(src, dst, nb, nd, side, nvox, avg, mink, block):
@@ -524,7 +526,6 @@ if numba is not None:
                         base = (b * num + (z * side + y) * side + x) * nvox + v0
                         for v in range(w):
                             dst[base + v] = buf[z, y, x, v]
-
 
     @_pjit
     def _mean_field(src, dst, lines, sd, sh, sw, kernel, iterations):
