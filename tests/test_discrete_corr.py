@@ -350,3 +350,10 @@ def test_inference_kernels_equal_the_training_code_3d():
             ref = net(fixed, moving)
     torch.testing.assert_close(out["ddf"], ref["ddf"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["probabilities"], ref["probabilities"], rtol=1e-5, atol=1e-6)
+
+
+def test_regularisers_refuse_even_windows():
+    cost = torch.rand(1, 5**3, 4, 4, 4)
+    for bad in (lambda: approximate_min_convolution(cost, 3, 2), lambda: mean_field_smoothing(cost, 4)):
+        with pytest.raises(ValueError, match="odd"):  # an even window would change the output's shape
+            bad()

@@ -94,6 +94,10 @@ def approximate_min_convolution(cost: Tensor, avg_kernel: int = 5, min_kernel: i
     a cheap lower envelope that lets neighbouring displacements support each other (deeds' displacement
     compatibility).
     """
+    if avg_kernel < 1 or min_kernel < 1 or min_kernel % 2 == 0:
+        raise ValueError(
+            f"min-convolution: avg_kernel >= 1 and an odd min_kernel, got {avg_kernel} / {min_kernel}"
+        )
     b, num, *size = cost.shape  # b and size stay traced values in a TorchScript export
     spatial_dims = len(size)
     side = displacement_grid_side(num, spatial_dims)
@@ -110,6 +114,8 @@ def approximate_min_convolution(cost: Tensor, avg_kernel: int = 5, min_kernel: i
 def mean_field_smoothing(cost: Tensor, kernel: int = 5, iterations: int = 3) -> Tensor:
     """Mean-field-like spatial smoothing: ``iterations`` box means (``kernel``, stride 1) of every
     displacement channel of ``cost`` ``(B, L, *S)`` after replicate padding (same shape)."""
+    if kernel < 1 or kernel % 2 == 0:
+        raise ValueError(f"mean-field smoothing: the kernel must be odd, got {kernel}")
     if _fast.applies_no_grad(cost):  # inference on CPU: channel by channel, no padded copy of the volume
         return _fast.mean_field(cost, cost.ndim - 2, kernel, iterations)
     spatial = list(range(2, cost.ndim))
