@@ -533,11 +533,13 @@ def _publish_refusal(args: argparse.Namespace) -> str | None:
     """Why ``--publish`` must not run (a report on ``../shared/data``, also when merged), else ``None``."""
     import json
 
+    if not args.publish:
+        return None
     keys = {args.dataset} if not args.merge else {
         json.loads(Path(p).read_text())["dataset"].get("key") for p in args.merge
     }
     local = sorted(k for k in keys if k in LOCAL_ONLY_DATASETS)
-    if args.publish and local:
+    if local:
         return f"--publish: reports on {', '.join(local)} (../shared/data) stay in --out, not in the repo"
     return None
 

@@ -1,7 +1,9 @@
-"""Shared test fixtures: the development data beside the checkout (skipped cleanly when absent)."""
+"""Shared test fixtures: the development data beside the checkout (skipped cleanly when absent); the fast
+(numba) or plain-torch path of a core operation."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,3 +29,28 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"development data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    """``kernel_path(path, kernel)``: a context for one code path. ``"torch"``: the plain-torch code (the
+    fast kernels off); ``"fast"``: the numba kernel ``core._fast.<kernel>``, checked to be called on leaving
+    the context (the test is skipped without numba)."""
+    from regnet_zoo.core import _fast
+
+    def use(path: str, kernel: str) -> contextlib.AbstractContextManager:
+        if path == "torch":
+            return _fast.disabled()
+        if _fast.numba is None:
+            pytest.skip("numba not installed")
+        calls, real = [], getattr(_fast, kernel)
+        monkeypatch.setattr(_fast, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
+
+        @contextlib.contextmanager
+        def taken():
+            yield
+            assert calls, f"_fast.{kernel} was not used"
+
+        return taken()
+
+    return use

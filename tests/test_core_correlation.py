@@ -3,13 +3,11 @@ without autograd on CPU and the chunked torch code), chunking, gradients."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 
 import pytest
 import torch
 
-from regnet_zoo.core import _fast
 from regnet_zoo.core.correlation import (
     CorrelationVolume,
     correlation_volume,
@@ -55,30 +53,12 @@ def test_displacement_set_order_and_size():
         displacement_set(3, 2, step=2)
 
 
-def _path(path: str, monkeypatch) -> contextlib.AbstractContextManager:
-    """``"fast"``: the numba kernel, checked to be taken (skipped without numba); ``"torch"``: the chunks."""
-    if path == "torch":
-        return _fast.disabled()
-    if _fast.numba is None:
-        pytest.skip("numba not installed")
-    real = _fast.correlation
-    monkeypatch.setattr(_fast, "correlation", lambda *a: calls.append(1) or real(*a))
-    calls = []
-
-    @contextlib.contextmanager
-    def taken():
-        yield
-        assert calls, "the numba correlation kernel was not used"
-
-    return taken()
-
-
 @pytest.mark.parametrize("path", ["fast", "torch"])
 @pytest.mark.parametrize("metric", ["ssd", "dot"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_matches_brute_force_2d(metric, padding_mode, path, monkeypatch):
+def test_matches_brute_force_2d(metric, padding_mode, path, kernel_path):
     fixed, moving = torch.randn(2, 3, 6, 7), torch.randn(2, 3, 6, 7)
-    with _path(path, monkeypatch):
+    with kernel_path(path, "correlation"):
         cost = correlation_volume(fixed, moving, 2, metric=metric, padding_mode=padding_mode)
     assert cost.shape == (2, 25, 6, 7)
     ref = _brute_force_cost(fixed, moving, 2, metric, padding_mode)
@@ -87,8 +67,8 @@ def test_matches_brute_force_2d(metric, padding_mode, path, monkeypatch):
 
 @pytest.mark.parametrize("path", ["fast", "torch"])
 @pytest.mark.parametrize("metric", ["ssd", "dot"])
-def test_matches_brute_force_3d_and_dilated(metric, path, monkeypatch):
-    with _path(path, monkeypatch):
+def test_matches_brute_force_3d_and_dilated(metric, path, kernel_path):
+    with kernel_path(path, "correlation"):
         _check_3d_and_dilated(metric)
 
 

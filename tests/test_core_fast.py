@@ -308,28 +308,24 @@ def test_image_gradient_direct_and_buffered_scatter_agree_with_reference(monkeyp
     paths = []
     real = _fast._reduce
     monkeypatch.setattr(_fast, "_reduce", lambda *a: paths.append("buffered") or real(*a))
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for shape in [(64, 40), (32, 20, 18)]:
-            n = len(shape)
-            for bi, bp, scale in ((2, 2, 0.6), (2, 1, 0.6), (1, 2, 0.6), (2, 2, 12.0)):
-                image = torch.cat([_smooth(shape, 2, 1.0, 50 + b, torch.float64) for b in range(bi)])
-                ddf = torch.cat([_smooth(shape, n, scale, 52 + b, torch.float64) for b in range(bp)])
-                cases = [(lambda i, d: warp_image(i, d, "linear", "zeros"), (image, ddf)),
-                         (lambda i, d: warp_image(i, d, "nearest", "border"), (image, ddf))]  # fmt: skip
-                if bi == 2:
-                    cases += [(compose_ddf, (ddf, 0.5 * ddf)), (lambda v: scaling_and_squaring(v, 4), (ddf,))]
-                for fn, inputs in cases:
-                    before = len(paths)
-                    out, grads = _grads(fn, *inputs)
-                    if bi == bp == 2 and scale < 1:
-                        assert len(paths) == before  # direct
-                    ref, refs = _reference(_grads, fn, *inputs)
-                    assert _rel(out, ref) <= 1e-12
-                    assert all(_rel(g, r) <= 1e-10 for g, r in zip(grads, refs, strict=True))
-    finally:
-        torch.set_num_threads(old)
+    torch.set_num_threads(threads)  # restored by conftest's autouse fixture
+    for shape in [(64, 40), (32, 20, 18)]:
+        n = len(shape)
+        for bi, bp, scale in ((2, 2, 0.6), (2, 1, 0.6), (1, 2, 0.6), (2, 2, 12.0)):
+            image = torch.cat([_smooth(shape, 2, 1.0, 50 + b, torch.float64) for b in range(bi)])
+            ddf = torch.cat([_smooth(shape, n, scale, 52 + b, torch.float64) for b in range(bp)])
+            cases = [(lambda i, d: warp_image(i, d, "linear", "zeros"), (image, ddf)),
+                     (lambda i, d: warp_image(i, d, "nearest", "border"), (image, ddf))]  # fmt: skip
+            if bi == 2:
+                cases += [(compose_ddf, (ddf, 0.5 * ddf)), (lambda v: scaling_and_squaring(v, 4), (ddf,))]
+            for fn, inputs in cases:
+                before = len(paths)
+                out, grads = _grads(fn, *inputs)
+                if bi == bp == 2 and scale < 1:
+                    assert len(paths) == before  # direct
+                ref, refs = _reference(_grads, fn, *inputs)
+                assert _rel(out, ref) <= 1e-12
+                assert all(_rel(g, r) <= 1e-10 for g, r in zip(grads, refs, strict=True))
     # the broadcast image's 4 warps always take the buffers; with two workers (four slabs, two a round) the
     # large displacements do too; with one (two slabs, one a round) they never need them
-    assert len(paths) == 4 if threads == 1 else len(paths) > 4
+    assert (len(paths) == 4) if threads == 1 else (len(paths) > 4)

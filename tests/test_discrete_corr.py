@@ -4,7 +4,6 @@ parameters round trip, and a short weakly supervised training run on real labell
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import numpy as np
@@ -61,26 +60,8 @@ def test_outputs_shapes_and_gradients(spatial_dims, size):
     assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
 
 
-def _path(path: str, monkeypatch, kernel: str) -> contextlib.AbstractContextManager:
-    """``"torch"``: the torch code (as in training); ``"fast"``: the numba kernel ``_fast.<kernel>`` that
-    replaces it without autograd on CPU, checked to be taken (skipped without numba)."""
-    if path == "torch":
-        return _fast.disabled()
-    if _fast.numba is None:
-        pytest.skip("numba not installed")
-    calls, real = [], getattr(_fast, kernel)
-    monkeypatch.setattr(_fast, kernel, lambda *a, **k: calls.append(1) or real(*a, **k))
-
-    @contextlib.contextmanager
-    def taken():
-        yield
-        assert calls, f"_fast.{kernel} was not used"
-
-    return taken()
-
-
 @pytest.mark.parametrize("path", ["fast", "torch"])
-def test_min_convolution_matches_tutorial_layers_2d(path, monkeypatch):
+def test_min_convolution_matches_tutorial_layers_2d(path, kernel_path):
     """The tutorial's 2D layer sequence: ReplicationPad2d(5), AvgPool2d(5) x2, MaxPool2d(3) on -cost."""
     cost = torch.rand(1, 11 * 11, 6, 7)
     pad, avg, max_pool = nn.ReplicationPad2d(5), nn.AvgPool2d(5, stride=1), nn.MaxPool2d(3, stride=1)
@@ -88,14 +69,14 @@ def test_min_convolution_matches_tutorial_layers_2d(path, monkeypatch):
     per_voxel = cost.permute(0, 2, 3, 1).reshape(1, -1, 11, 11)
     reference = -minconv(-per_voxel)
     reference = reference.permute(0, 2, 3, 1).reshape(1, 121, 6, 7)
-    with _path(path, monkeypatch, "min_convolution"):
+    with kernel_path(path, "min_convolution"):
         torch.testing.assert_close(approximate_min_convolution(cost, 5, 3), reference)
 
 
 @pytest.mark.parametrize("path", ["fast", "torch"])
-def test_min_convolution_brute_force_3d(path, monkeypatch):
+def test_min_convolution_brute_force_3d(path, kernel_path):
     cost = torch.rand(2, 5**3, 3, 2, 2, dtype=torch.float64)
-    with _path(path, monkeypatch, "min_convolution"):
+    with kernel_path(path, "min_convolution"):
         out = approximate_min_convolution(cost, avg_kernel=3, min_kernel=3)
     grid = cost.numpy().reshape(2, 5, 5, 5, 3, 2, 2)
     pad = 2 + 1
@@ -122,9 +103,9 @@ def test_min_convolution_brute_force_3d(path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", ["fast", "torch"])
-def test_mean_field_matches_scipy_uniform_filter_interior(path, monkeypatch):
+def test_mean_field_matches_scipy_uniform_filter_interior(path, kernel_path):
     cost = torch.rand(1, 4, 20, 21)
-    with _path(path, monkeypatch, "mean_field"):
+    with kernel_path(path, "mean_field"):
         out = mean_field_smoothing(cost, kernel=5, iterations=3)
     ref = cost.numpy()
     for _ in range(3):

@@ -58,7 +58,7 @@ __all__ = [
 ]
 
 _ENV = "REGNET_ZOO_FAST"
-_MAX_PARTS = 16  # slabs (private scatter buffers) per batch element in the backward pass
+_MAX_PARTS = 16  # workers per batch element in the backward's scatter (two slabs each)
 _DTYPES = (torch.float32, torch.float64)
 _LOCK = threading.Lock()  # numba's default (workqueue) threading layer is not safe for concurrent launches
 _state = threading.local()
@@ -96,8 +96,9 @@ def applies(image: Tensor, points: Tensor) -> bool:
 
 
 def applies_no_grad(x: Tensor) -> bool:
-    """Whether a forward-only kernel (:func:`box_sum`, :func:`min_convolution`) may replace torch code on
-    ``x``: :func:`applies`' conditions, and no gradient to be recorded for ``x``."""
+    """Whether a forward-only kernel (:func:`box_sum`, :func:`min_convolution`, :func:`mean_field`,
+    :func:`correlation`) may replace torch code on ``x``: :func:`applies`' conditions, and no gradient to be
+    recorded for ``x``."""
     return applies(x, x) and not (torch.is_grad_enabled() and x.requires_grad)
 
 
@@ -661,7 +662,7 @@ class _Call:
         grad_out = grad_out.contiguous()
         grad_image = None
         with _LOCK:
-            nparts = min(_threads(), _MAX_PARTS)
+            workers = min(_threads(), _MAX_PARTS)
             if need_pts:
                 if grad_pts is None:
                     grad_pts = torch.empty((self.nb, *self.points.shape[1:]), dtype=self.image.dtype)
@@ -676,12 +677,12 @@ class _Call:
                         if c0 > 0:
                             grad_pts += part
             if need_img:
-                grad_image = self._scatter_image(grad_out, grad_pts if scatter_into_pts else None, nparts)
+                grad_image = self._scatter_image(grad_out, grad_pts if scatter_into_pts else None, workers)
                 if scatter_into_pts:
                     grad_image = None
         return grad_image, grad_pts
 
-    def _scatter_image(self, grad_out: Tensor, into: Tensor | None, nparts: int) -> Tensor:
+    def _scatter_image(self, grad_out: Tensor, into: Tensor | None, workers: int) -> Tensor:
         """The image gradient (added into ``into`` when given). The output rows are cut into two slabs per
         worker; when the image windows of every other slab are disjoint (displacements smaller than a slab),
         the slabs scatter straight into the gradient in two rounds; else each into a private buffer, and a
@@ -690,7 +691,7 @@ class _Call:
         ishape, pshape, oshape = self._shapes()
         bi_n, nc = ishape[0], ishape[1]
         vs = ishape[2] * ishape[3] * ishape[4]
-        nparts = 2 * nparts
+        nparts = 2 * workers  # slabs per batch element
         nslabs = self.nb * nparts
         lo, hi = np.zeros(nslabs, np.int64), np.zeros(nslabs, np.int64)
         _windows(_flat(self.points), ishape, pshape, oshape, nparts, relative, lo, hi)
@@ -843,29 +844,27 @@ def box_sum(x: Tensor, kernel_size: int, dims: int) -> Tensor:
     return src
 
 
-def min_convolution(cost: Tensor, spatial_dims: int, avg_kernel: int, min_kernel: int, block: int = 128
-                    ) -> Tensor:  # fmt: skip
-    """Approximate min-convolution of ``cost`` ``(B, L, *S)`` over its ``L = K**spatial_dims`` displacements
+def min_convolution(cost: Tensor, side: int, avg_kernel: int, min_kernel: int, block: int = 128) -> Tensor:
+    """Approximate min-convolution of ``cost`` ``(B, L, *S)`` over its ``L = side**N`` displacements
     (``filters.approximate_min_convolution``, the same arithmetic as its torch code) voxel by voxel, without
-    that code's padded ``(B, *(K + 2 p,) * N, *S)`` copy of the volume. No autograd; call where
+    that code's padded ``(B, *(side + 2 p,) * N, *S)`` copy of the volume. No autograd; call where
     :func:`applies_no_grad` is true."""
-    side = round(cost.shape[1] ** (1.0 / spatial_dims))
     src = cost.detach().contiguous()
     out = torch.empty_like(src)
     nvox = src[0, 0].numel()
     with _LOCK:
         _threads()
-        _min_convolution(_flat(src), _flat(out), src.shape[0], spatial_dims, side, nvox, avg_kernel,
+        _min_convolution(_flat(src), _flat(out), src.shape[0], src.ndim - 2, side, nvox, avg_kernel,
                          min_kernel, min(block, nvox))  # fmt: skip
     return out
 
 
-def mean_field(cost: Tensor, spatial_dims: int, kernel: int, iterations: int) -> Tensor:
+def mean_field(cost: Tensor, kernel: int, iterations: int) -> Tensor:
     """``filters.mean_field_smoothing`` of ``cost`` ``(B, L, *S)`` (the same arithmetic as its torch code),
     channel by channel. No autograd; call where :func:`applies_no_grad` is true."""
     src = cost.detach().contiguous()
     out = torch.empty_like(src)
-    sd, sh, sw = _shape5(src.shape)[2:] if spatial_dims == 3 else (1, *src.shape[2:])
+    sd, sh, sw = _shape5(src.shape)[2:]
     with _LOCK:
         _threads()
         _mean_field(_flat(src), _flat(out), src.shape[0] * src.shape[1], sd, sh, sw, kernel, iterations)

@@ -102,7 +102,7 @@ def approximate_min_convolution(cost: Tensor, avg_kernel: int = 5, min_kernel: i
     spatial_dims = len(size)
     side = displacement_grid_side(num, spatial_dims)
     if _fast.applies_no_grad(cost):  # inference on CPU: voxel by voxel, no padded copy of the whole volume
-        return _fast.min_convolution(cost, spatial_dims, avg_kernel, min_kernel)
+        return _fast.min_convolution(cost, side, avg_kernel, min_kernel)
     pad = (avg_kernel - 1) + (min_kernel - 1) // 2
     displacement_dims = list(range(1, spatial_dims + 1))
     x = replicate_pad(cost.reshape(b, *([side] * spatial_dims), *size), displacement_dims, pad)
@@ -117,7 +117,7 @@ def mean_field_smoothing(cost: Tensor, kernel: int = 5, iterations: int = 3) -> 
     if kernel < 1 or kernel % 2 == 0:
         raise ValueError(f"mean-field smoothing: the kernel must be odd, got {kernel}")
     if _fast.applies_no_grad(cost):  # inference on CPU: channel by channel, no padded copy of the volume
-        return _fast.mean_field(cost, cost.ndim - 2, kernel, iterations)
+        return _fast.mean_field(cost, kernel, iterations)
     spatial = list(range(2, cost.ndim))
     x = replicate_pad(cost, spatial, iterations * ((kernel - 1) // 2))
     for _ in range(iterations):
