@@ -55,6 +55,7 @@ __all__ = [
     "min_convolution",
     "mean_field",
     "correlation",
+    "upsample_by_two",
 ]
 
 _ENV = "REGNET_ZOO_FAST"
@@ -608,6 +609,44 @@ if numba is not None:
                     for x in range(sw):
                         orow[x] *= inv
 
+    @_pjit
+    def _upsample_by_two(src, dst, nb, nc, nk, sd, sh, sw, od):
+        """Linear upsampling by exactly 2 (``align_corners=False``) of flat ``(nb, nc, sd, sh, sw)`` into the
+        first ``nc`` channels of flat ``(nb, nk, od, 2 sh, 2 sw)`` (``od = 2 sd``; 2D: ``sd = od = 1``).
+        Output ``2m`` takes ``0.25 x[m - 1] + 0.75 x[m]``, ``2m + 1`` takes ``0.75 x[m] + 0.25 x[m + 1]``,
+        indices clamped (torch's weights at scale 2); rows are blended along z and y, then widened along x."""
+        oh, ow = 2 * sh, 2 * sw
+        q, t = _like(0.25, src), _like(0.75, src)
+        for task in prange(nb * nc * od):
+            b, c, z = task // (nc * od), (task // od) % nc, task % od
+            m = z // 2
+            z0, z1 = (max(m - 1, 0), m) if z % 2 == 0 else (m, min(m + 1, sd - 1))
+            wz0, wz1 = (q, t) if z % 2 == 0 else (t, q)
+            if od == 1:  # 2D
+                z0, z1, wz0, wz1 = 0, 0, _like(1.0, src), _like(0.0, src)
+            base = (b * nc + c) * sd
+            row = np.empty(sw, src.dtype)
+            for y in range(oh):
+                m = y // 2
+                y0, y1 = (max(m - 1, 0), m) if y % 2 == 0 else (m, min(m + 1, sh - 1))
+                wy0, wy1 = (q, t) if y % 2 == 0 else (t, q)
+                r00 = ((base + z0) * sh + y0) * sw
+                r01 = ((base + z0) * sh + y1) * sw
+                r10 = ((base + z1) * sh + y0) * sw
+                r11 = ((base + z1) * sh + y1) * sw
+                for x in range(sw):
+                    row[x] = wz0 * (wy0 * src[r00 + x] + wy1 * src[r01 + x]) + wz1 * (
+                        wy0 * src[r10 + x] + wy1 * src[r11 + x]
+                    )
+                o = (((b * nk + c) * od + z) * oh + y) * ow
+                dst[o] = row[0]
+                for x in range(1, sw):
+                    dst[o + 2 * x] = q * row[x - 1] + t * row[x]
+                for x in range(sw - 1):
+                    dst[o + 2 * x + 1] = t * row[x] + q * row[x + 1]
+                dst[o + ow - 1] = row[sw - 1]
+
+
 def _shape5(shape) -> tuple[int, int, int, int, int]:
     """``(B, C, D, H, W)`` of a 2D ``(B, C, H, W)`` (depth 1) or 3D shape."""
     return tuple(shape) if len(shape) == 5 else (shape[0], shape[1], 1, shape[2], shape[3])
@@ -889,3 +928,18 @@ def correlation(fixed: Tensor, padded: Tensor, offsets: Tensor, radius: int, dot
         _correlation(_flat(fix), _flat(pad), _flat(out), offs.numpy(), b, c, sd, sh, sw, pd, ph, pw, rz,
                      radius, radius, bool(dot))  # fmt: skip
     return out
+
+def upsample_by_two(x: Tensor, out: Tensor) -> None:
+    """Write the linear (``align_corners=False``) upsampling by exactly 2 of ``x`` ``(B, C, *S)`` into the
+    first ``C`` channels of ``out`` ``(B, K, *2S)`` (contiguous, ``K >= C``, ``x``'s dtype). No autograd; call
+    where :func:`applies_no_grad` is true for ``x``."""
+    src = x.detach().contiguous()
+    b, c, sd, sh, sw = _shape5(src.shape)
+    if not out.is_contiguous() or out.dtype != src.dtype or out.shape[0] != b or out.shape[1] < c:
+        raise ValueError("out must be a contiguous (B, K >= C, *2S) tensor of x's dtype")
+    if tuple(out.shape[2:]) != tuple(2 * n for n in src.shape[2:]):
+        raise ValueError(f"out's spatial size {tuple(out.shape[2:])} is not twice {tuple(src.shape[2:])}")
+    with _LOCK:
+        _threads()
+        _upsample_by_two(_flat(src), out.detach().numpy().reshape(-1), b, c, out.shape[1], sd, sh, sw,
+                         2 * sd if src.ndim == 5 else 1)  # fmt: skip

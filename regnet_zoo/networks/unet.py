@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from regnet_zoo.core.filters import linear_upsample_into
 from regnet_zoo.core.padding import pad_to_multiple
 
 
@@ -22,6 +23,24 @@ def conv_block(spatial_dims: int, in_channels: int, out_channels: int, stride: i
     """3x3(x3) convolution + LeakyReLU(0.2), the VoxelMorph building block."""
     conv = (nn.Conv2d, nn.Conv3d)[spatial_dims - 2]
     return nn.Sequential(conv(in_channels, out_channels, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+def upsample_and_concatenate(x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+    """``cat([interpolate(x, skip's size), skip], dim=1)``: ``(B, C, *s), (B, K, *S) -> (B, C + K, *S)``.
+
+    (Bi/tri)linear, ``align_corners=False``. Without autograd on CPU the interpolation writes straight into
+    the concatenated tensor (``core.filters.linear_upsample_into``): no upsampled copy to allocate and copy
+    again. Traced, compiled, differentiable, GPU or mixed-dtype calls take ``torch.cat``.
+    """
+    recorded = torch.is_grad_enabled() and (x.requires_grad or skip.requires_grad)
+    tracing = torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+    if recorded or tracing or x.device.type != "cpu" or x.dtype != skip.dtype:
+        mode = "bilinear" if x.ndim == 4 else "trilinear"
+        return torch.cat([F.interpolate(x, size=skip.shape[2:], mode=mode, align_corners=False), skip], dim=1)
+    out = x.new_empty(x.shape[0], x.shape[1] + skip.shape[1], *skip.shape[2:])
+    linear_upsample_into(x, out)
+    out[:, x.shape[1] :] = skip
+    return out
 
 
 class RegistrationUNet(nn.Module):
@@ -81,12 +100,9 @@ class RegistrationUNet(nn.Module):
         for block in self.encoder:
             features.append(block(features[-1]))
         y = features[-1]
-        mode = "bilinear" if self.spatial_dims == 2 else "trilinear"
         for i, block in enumerate(self.decoder):
             y = block(y)
-            skip = features[self.levels - 1 - i]
-            y = F.interpolate(y, size=skip.shape[2:], mode=mode, align_corners=False)
-            y = torch.cat([y, skip], dim=1)
+            y = upsample_and_concatenate(y, features[self.levels - 1 - i])
         for block in self.extra:
             y = block(y)
         return y[crop]
