@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -1010,7 +1011,52 @@ def write_markdown(report: dict, path: Path) -> None:
     goals = _md_goals(report)
     if goals:
         md += ["## Goals (issue 15)", ""] + goals + [""]
+    figure = write_time_figure(report, path.with_name(path.stem + "_time.png"))
+    if figure is not None:
+        md += ["## Registration time at a glance", "", f"![registration time]({figure.name})", ""]
     path.write_text("\n".join(md))
+
+
+def write_time_figure(report: dict, path: Path) -> Path | None:
+    """One panel per size: each network's registration time and the classic baselines' (log scale), with the
+    50x-faster-than-SimpleITK-B-spline mark where SimpleITK ran. ``None`` (nothing written) without a methods
+    section or matplotlib."""
+    rows = [r for r in report.get("methods", {}).get("rows", []) if "seconds" in r]
+    classic = [r for r in report.get("classic", {}).get("rows", []) if "seconds" in r]
+    if not rows:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted({tuple(r["size"]) for r in rows}, key=lambda s: -math.prod(s))
+    device = report["methods"].get("env", {}).get("device", "")
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.0), squeeze=False)
+    for ax, size in zip(axes[0], sizes, strict=True):
+        bars = [(r["method"], r["seconds"], "tab:blue") for r in rows if tuple(r["size"]) == size]
+        bars += [(r["method"], r["seconds"], "tab:orange") for r in classic if tuple(r["size"]) == size]
+        names, seconds, colours = zip(*bars, strict=True)
+        ax.barh(range(len(bars)), seconds, color=colours)
+        ax.set_yticks(range(len(bars)), names)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("wall seconds (log scale)")
+        ax.set_title(f"{'x'.join(map(str, size))}, {device}", fontsize=10)
+        for i, value in enumerate(seconds):
+            ax.annotate(f"{value:.3g} s", (value, i), xytext=(3, 0), textcoords="offset points", va="center",
+                        fontsize=8, bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})  # fmt: skip
+        sitk = [r["seconds"] for r in classic if r["method"] == "sitk_bspline" and tuple(r["size"]) == size]
+        if sitk:
+            ax.axvline(sitk[0] / 50, color="grey", linestyle="--", label="50x faster than SimpleITK B-spline")
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), fontsize=8, frameon=False)
+        ax.set_xlim(right=max(seconds) * 8)  # room for the value labels
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def test_sections_merge_into_existing_json(tmp_path, monkeypatch):
     assert report["instance"]["env"]["device"] == "cpu" and report["instance"]["args"]["steps"] == 4
     md = out.with_suffix(".md").read_text()
     assert "| 32x32x32 | bspline_unet | untrained (random init) |" in md
+    figure = tmp_path / "speed_time.png"
+    assert figure.stat().st_size > 5000 and "![registration time](speed_time.png)" in md
 
 
 def test_forward_gflop_counts_a_convolution_analytically():
