@@ -3,7 +3,7 @@
 # benchmarks/claims_device.sh). SET=ngf_labels (default): does NGF + labels beat labels alone (delta x0) at
 # 80x112 over seeds and both subject directions, and does delta x100 fall below the identity at 40x56 over
 # seeds? SET=labels_add: do labels add to NGF (beta x0 vs x1) at 40x56 and 80x112 over seeds, and where does
-# delta x100 land at 80x112 over seeds?
+# delta x100 land at 80x112 over seeds? SET=alpha0: does the field fold without curvature (alpha x0) over seeds?
 # env: OUT (results folder, required), DATA (default .gpu/data: oasis2d/slices), PY (python3), DEV (cuda).
 # Results: $OUT/<name>.json, committed as benchmarks/results/bspline_unet_<name>.json
 set -u
@@ -27,7 +27,12 @@ case ${SET:-ngf_labels} in
       b labels_add_gpu_80x112_seed$s $F2 --vary beta --multipliers 0 1 --seed $s &
     done
     for s in 1 2; do b delta100_gpu_80x112_seed$s $F2 --vary delta --multipliers 100 --seed $s & done ;;
-  *) echo "SET must be ngf_labels or labels_add"; exit 2 ;;
+  alpha0)
+    for s in 1 2; do
+      b alpha0_gpu_40x56_seed$s $F4 --vary alpha --multipliers 0 --seed $s &
+      b alpha0_gpu_80x112_seed$s $F2 --vary alpha --multipliers 0 --seed $s &
+    done ;;
+  *) echo "SET must be ngf_labels, labels_add or alpha0"; exit 2 ;;
 esac
 wait
 for f in $OUT/*.log; do echo "== $f"; tail -n 4 "$f"; done
