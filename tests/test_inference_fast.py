@@ -135,7 +135,7 @@ def test_ddrnet_inference_equals_the_autograd_path():
             for conv in (head.mean, head.log_var):
                 conv.weight.normal_(0, 0.1)
     net.eval()
-    fixed, moving = torch.rand(1, 1, 20, 22, 18), torch.rand(1, 1, 20, 22, 18)
+    fixed, moving = torch.rand(2, 1, 20, 22, 18), torch.rand(2, 1, 20, 22, 18)
     autograd = net(fixed, moving)  # parameters require grad: the differentiable code throughout
     assert autograd["ddf"].requires_grad
     with torch.inference_mode():
