@@ -111,6 +111,8 @@ def test_linear_upsample_into_other_sizes_and_bad_out():
     )
     with pytest.raises(ValueError, match="cannot hold"):
         linear_upsample_into(x, torch.zeros(2, 2, 8, 10, 12))
+    with pytest.raises(RuntimeError, match="no gradient"):
+        linear_upsample_into(x.requires_grad_(), out)
 
 
 def test_upsample_and_concatenate_without_autograd_equals_cat():

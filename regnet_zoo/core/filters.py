@@ -136,6 +136,8 @@ def linear_upsample_into(x: Tensor, out: Tensor) -> None:
     """
     if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[1] < x.shape[1]:
         raise ValueError(f"out {tuple(out.shape)} cannot hold the upsampled {tuple(x.shape)}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError("linear_upsample_into records no gradient: call it under torch.no_grad()")
     size = list(out.shape[2:])
     if _fast.applies_no_grad(x) and size == [2 * n for n in x.shape[2:]]:
         _fast.upsample_by_two(x, out)
