@@ -1020,17 +1020,14 @@ def write_markdown(report: dict, path: Path) -> None:
 def write_time_figure(report: dict, path: Path) -> Path | None:
     """One panel per size: each network's registration time and the classic baselines' (log scale), with the
     50x-faster-than-SimpleITK-B-spline mark where SimpleITK ran. ``None`` (nothing written) without a methods
-    section or matplotlib."""
+    section."""
+    from _compare_report import _plt  # the benchmarks' one headless matplotlib setup
+
     rows = [r for r in report.get("methods", {}).get("rows", []) if "seconds" in r]
     classic = [r for r in report.get("classic", {}).get("rows", []) if "seconds" in r]
     if not rows:
         return None
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _plt()
 
     sizes = sorted({tuple(r["size"]) for r in rows}, key=lambda s: -math.prod(s))
     device = report["methods"].get("env", {}).get("device", "")

@@ -929,6 +929,7 @@ def correlation(fixed: Tensor, padded: Tensor, offsets: Tensor, radius: int, dot
                      radius, radius, bool(dot))  # fmt: skip
     return out
 
+
 def upsample_by_two(x: Tensor, out: Tensor) -> None:
     """Write the linear (``align_corners=False``) upsampling by exactly 2 of ``x`` ``(B, C, *S)`` into the
     first ``C`` channels of ``out`` ``(B, K, *2S)`` (contiguous, ``K >= C``, ``x``'s dtype). No autograd; call
